@@ -1,0 +1,3 @@
+//! The block daemon.
+
+pub mod nbd;

@@ -1,0 +1,162 @@
+//! Page-aligned I/O buffers, as O_DIRECT requires.
+//!
+//! An `AlignedBuf` owns its memory through a raw pointer, never through a Rust reference,
+//! so the kernel may write into it (io_uring reads) while the buffer is shared among
+//! in-flight operations; slices are only handed out by `as_slice`/`as_mut_slice`, which
+//! callers use once the operations that touch the buffer have completed.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+pub const ALIGN: usize = 4096;
+
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    /// Allocated bytes: a multiple of ALIGN, at least ALIGN.
+    cap: usize,
+    /// The visible window `[start, start + len)`.
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation (like a Vec<u8>); the raw pointer is not
+// shared with anything that outlives it except in-flight kernel I/O, which the io_uring
+// reactor keeps alive by holding the buffer until completion.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through `as_slice`; mutation needs `&mut self`, except
+// kernel writes into buffers lent to in-flight reads (see the module doc).
+unsafe impl Sync for AlignedBuf {}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("cap", &self.cap)
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl AlignedBuf {
+    /// A zero-filled buffer whose visible window is `len` bytes.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        // ALIGN is a power of two and cap a non-zero multiple of it.
+        let layout = Layout::from_size_align(cap, ALIGN)
+            .unwrap_or_else(|_| panic!("buffer of {cap} bytes is too large"));
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            cap,
+            start: 0,
+            len,
+        }
+    }
+
+    pub fn from_slice(data: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Moves the visible window (e.g. to trim a block-aligned read to what was asked).
+    pub fn set_window(&mut self, start: usize, len: usize) {
+        assert!(
+            start.checked_add(len).is_some_and(|e| e <= self.cap),
+            "window {start}+{len} beyond capacity {}",
+            self.cap
+        );
+        self.start = start;
+        self.len = len;
+    }
+
+    pub fn window_start(&self) -> usize {
+        self.start
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: [start, start+len) lies within the allocation (set_window checks), the
+        // memory is initialised (zeroed at allocation) and no kernel write is in flight
+        // while the caller holds this slice (module invariant).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.start), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as for as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.start), self.len) }
+    }
+
+    /// Pointer to byte `offset` of the allocation, for the kernel. Callers keep the buffer
+    /// alive until the I/O completes.
+    pub(crate) fn io_ptr(&self, offset: usize, len: usize) -> *mut u8 {
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.cap),
+            "io range {offset}+{len} beyond capacity {}",
+            self.cap
+        );
+        // SAFETY: offset is within the allocation (checked above).
+        unsafe { self.ptr.as_ptr().add(offset) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout.
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.cap, ALIGN),
+            )
+        }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsMut<[u8]> for AlignedBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        for len in [0, 1, 511, 4096, 4097, 1 << 20] {
+            let b = AlignedBuf::zeroed(len);
+            assert_eq!(b.io_ptr(0, 0) as usize % ALIGN, 0);
+            assert_eq!(b.len(), len);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn window() {
+        let mut b = AlignedBuf::zeroed(8192);
+        b.as_mut_slice()[4096] = 7;
+        b.set_window(4096, 512);
+        assert_eq!(b.as_slice()[0], 7);
+        assert_eq!(b.len(), 512);
+    }
+}

@@ -1,0 +1,139 @@
+//! The read side of the block map: resolving which version of each block a reader sees.
+//!
+//! A reader is positioned at (timeline, limit). For each block it takes the newest version
+//! with seq <= limit on that timeline; blocks the timeline never wrote continue at the
+//! parent, limited to the branch seq, and so on until a flattened or root timeline. A
+//! tombstone ends the walk (the block reads as zeros).
+
+use crate::catalog::TimelineState;
+use crate::codec::{MapValue, decode_map_key, map_key, map_key_first};
+use crate::db::{CF_MAP, cf};
+use crate::engine::Inner;
+use crate::error::Result;
+use crate::ids::{Lba, PhysBlock, Seq, TimelineId, VolumeId};
+use rocksdb::ReadOptions;
+use std::sync::Arc;
+
+/// The version of one block a reader sees, and where it was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub value: MapValue,
+    pub timeline: TimelineId,
+    pub seq: Seq,
+    /// The volume that owns (pays for) the bytes; `None` for tombstones.
+    pub owner: Option<VolumeId>,
+}
+
+/// What a read of one block returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Never written, discarded or zeroed.
+    Zero,
+    /// Stored bytes and their crc32c.
+    Data { phys: PhysBlock, crc: u32 },
+}
+
+impl Found {
+    pub fn mapping(&self) -> Mapping {
+        match self.value.data() {
+            Some((phys, crc)) => Mapping::Data { phys, crc },
+            None => Mapping::Zero,
+        }
+    }
+}
+
+impl Inner {
+    /// Resolves blocks `[lba0, lba0 + n)` for a reader at (`start`, `limit`).
+    /// `None` means no version is visible anywhere on the chain.
+    pub(crate) fn resolve(
+        &self,
+        start: &Arc<TimelineState>,
+        limit: Seq,
+        lba0: u64,
+        n: usize,
+    ) -> Result<Vec<Option<Found>>> {
+        let mut out: Vec<Option<Found>> = vec![None; n];
+        let mut unresolved = n;
+        let mut level: Option<(&Arc<TimelineState>, Seq)> = Some((start, limit));
+        while let Some((t, lim)) = level {
+            unresolved -= self.scan_level(t, lim, lba0, &mut out)?;
+            if unresolved == 0 || t.is_flattened() {
+                break;
+            }
+            level = t.parent.as_ref().map(|(p, s)| (p, *s));
+        }
+        Ok(out)
+    }
+
+    /// Fills the still-unresolved slots of `out` from timeline `t` at `lim`; returns how
+    /// many it resolved.
+    fn scan_level(
+        &self,
+        t: &TimelineState,
+        lim: Seq,
+        lba0: u64,
+        out: &mut [Option<Found>],
+    ) -> Result<usize> {
+        let n = out.len();
+        let Some(first) = out.iter().position(Option::is_none) else {
+            return Ok(0);
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(map_key_first(t.id, Lba(lba0 + n as u64)).to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(cf(&self.db, CF_MAP), ro);
+        it.seek(map_key(t.id, Lba(lba0 + first as u64), lim));
+        let mut resolved = 0;
+        loop {
+            let Some(key) = it.key() else { break };
+            let (kt, lba, seq) = decode_map_key(key)?;
+            if kt != t.id || lba.0 < lba0 || lba.0 >= lba0 + n as u64 {
+                break;
+            }
+            let idx = (lba.0 - lba0) as usize;
+            if out[idx].is_some() {
+                // Older version of a block already decided: jump to the next open slot.
+                match out[idx + 1..].iter().position(Option::is_none) {
+                    Some(j) => it.seek(map_key(t.id, Lba(lba0 + (idx + 1 + j) as u64), lim)),
+                    None => break,
+                }
+                continue;
+            }
+            if seq > lim {
+                it.seek(map_key(t.id, lba, lim));
+                continue;
+            }
+            let value = it.value().map(MapValue::decode).transpose()?;
+            if let Some(value) = value {
+                out[idx] = Some(Found {
+                    value,
+                    timeline: t.id,
+                    seq,
+                    owner: owner_of(t, &value),
+                });
+                resolved += 1;
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(resolved)
+    }
+}
+
+/// The volume owning the bytes of `value` found on `t`. A borrowed entry's origin is always
+/// one of `t`'s ancestors (flattening copies from the chain), so no catalog lookup is needed.
+fn owner_of(t: &TimelineState, value: &MapValue) -> Option<VolumeId> {
+    match value {
+        MapValue::Owned { .. } => Some(t.volume),
+        MapValue::Tombstone => None,
+        MapValue::Borrowed { origin, .. } => {
+            let mut cur = t.parent.as_ref();
+            while let Some((p, _)) = cur {
+                if p.id == *origin {
+                    return Some(p.volume);
+                }
+                cur = p.parent.as_ref();
+            }
+            None
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Volumes: create, list, stat, delete, and the data-path commits that record writes and
+//! discards in the block map.
+
+use crate::catalog::{TimelineMut, TimelineState, VolumeAdmin, VolumeState};
+use crate::codec::{Counters, MapValue, map_key};
+use crate::db::{self, CF_HEADS, CF_MAP, cf};
+use crate::engine::{Inner, Released, Snapshotter, Work, now_ms};
+use crate::error::{Error, Result};
+use crate::ids::{BLOCK_SIZE, Lba, PhysBlock, Seq, TimelineId, VolumeId};
+use crate::map::{Found, Mapping};
+use crate::records::{TimelineRecord, VolumeRecord};
+use parking_lot::{MutexGuard, RwLock};
+use rocksdb::WriteBatch;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What `volume list` / `volume stat` report. Byte counts are multiples of the block size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub created_unix_ms: u64,
+    pub cloned_from: Option<String>,
+    /// Written (not trimmed) bytes visible in the head, including bytes shared from the
+    /// volume it was cloned from.
+    pub head_bytes: u64,
+    /// Head bytes this volume shares with the volume it was cloned from (not billed here).
+    pub head_shared_bytes: u64,
+    /// Bytes this volume holds only because checkpoints still see them.
+    pub checkpoint_only_bytes: u64,
+    /// All bytes this volume holds (head + checkpoint-only).
+    pub owned_bytes: u64,
+    pub checkpoints: u64,
+    /// Timelines a read of an unwritten block may visit (kept small by flattening).
+    pub read_depth: u64,
+}
+
+/// Result of a data-path commit.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// The seq the request was committed at (unchanged if it changed nothing).
+    pub seq: Seq,
+    pub released: Released,
+}
+
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Snapshotter {
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        if !valid_name(name) {
+            return Err(Error::InvalidName(name.to_string()));
+        }
+        if size_bytes == 0 || size_bytes % BLOCK_SIZE != 0 {
+            return Err(Error::InvalidSize(size_bytes));
+        }
+        let inner = &self.inner;
+        let mut cat = inner.catalog.write();
+        if cat.volumes.contains_key(name) {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        let vid = VolumeId(cat.next_volume_id);
+        let tid = TimelineId(cat.next_timeline_id);
+        cat.next_volume_id += 1;
+        cat.next_timeline_id += 1;
+        let rec = VolumeRecord {
+            id: vid,
+            name: name.to_string(),
+            size_bytes,
+            head: tid,
+            next_checkpoint: 1,
+            created_unix_ms: now_ms(),
+            cloned_from: None,
+        };
+        let trec = TimelineRecord {
+            id: tid,
+            volume: vid,
+            parent: None,
+            flattened: false,
+        };
+        let mut b = WriteBatch::default();
+        inner.put_ids(&mut b, &cat);
+        inner.put_volume(&mut b, &rec);
+        inner.put_timeline(&mut b, &trec);
+        fail::fail_point!("snapshotter::create_volume", |_| Err(Error::Injected(
+            "snapshotter::create_volume"
+        )));
+        db::write(&inner.db, b, true)?;
+        let vs = inner.install_volume(&mut cat, rec, trec, None, Counters::default());
+        drop(cat);
+        Ok(self.info_of(&vs))
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let vols: Vec<Arc<VolumeState>> = self
+            .inner
+            .catalog
+            .read()
+            .volumes
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<VolumeInfo> = vols.iter().map(|v| self.info_of(v)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn stat(&self, name: &str) -> Result<VolumeInfo> {
+        let v = self.inner.volume(name)?;
+        Ok(self.info_of(&v))
+    }
+
+    pub(crate) fn info_of(&self, v: &VolumeState) -> VolumeInfo {
+        let c = *v.counters.lock();
+        let checkpoints = v.admin.lock().checkpoints.len() as u64;
+        let b = |n: i64| n.max(0) as u64 * BLOCK_SIZE;
+        VolumeInfo {
+            name: v.name.clone(),
+            id: v.id.0,
+            size_bytes: v.size_bytes,
+            created_unix_ms: v.created_unix_ms,
+            cloned_from: v.cloned_from.clone(),
+            head_bytes: b(c.head_blocks),
+            head_shared_bytes: b(c.head_blocks - c.head_owned_blocks),
+            checkpoint_only_bytes: b(c.owned_blocks - c.head_owned_blocks),
+            owned_bytes: b(c.owned_blocks),
+            checkpoints,
+            read_depth: v.head().read_depth() as u64,
+        }
+    }
+
+    /// A handle for the data path.
+    pub fn volume(&self, name: &str) -> Result<VolumeHandle> {
+        Ok(VolumeHandle {
+            inner: self.inner.clone(),
+            vol: self.inner.volume(name)?,
+        })
+    }
+
+    /// Deletes a volume and all its checkpoints. Bytes a clone still reads stay until that
+    /// clone no longer needs them; everything else is released by background GC.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        let mut cat = inner.catalog.write();
+        let vs = cat
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        let admin = vs.admin.lock();
+        let head = vs.head();
+        let mut b = WriteBatch::default();
+        b.delete_cf(cf(&inner.db, db::CF_VOLUMES), name.as_bytes());
+        b.delete_cf(
+            cf(&inner.db, db::CF_VOLSTATS),
+            crate::codec::u64_key(vs.id.0),
+        );
+        let mut touched: BTreeMap<TimelineId, Arc<TimelineState>> = BTreeMap::new();
+        touched.insert(head.id, head.clone());
+        for cp in admin.checkpoints.values() {
+            b.delete_cf(
+                cf(&inner.db, db::CF_CHECKPOINTS),
+                crate::codec::checkpoint_key(cp.volume.0, cp.id.0),
+            );
+            if let Some(t) = cat.timeline(cp.timeline) {
+                touched.insert(t.id, t.clone());
+            }
+        }
+        for t in touched.keys() {
+            inner.schedule(&mut b, Work::Gc(*t));
+        }
+        fail::fail_point!("snapshotter::delete_volume", |_| Err(Error::Injected(
+            "snapshotter::delete_volume"
+        )));
+        // Lock the touched timelines (ascending) so no commit races the head change.
+        let mut guards: Vec<MutexGuard<'_, TimelineMut>> =
+            touched.values().map(|t| t.m.lock()).collect();
+        db::write(&inner.db, b, true)?;
+        for (t, g) in touched.values().zip(guards.iter_mut()) {
+            if t.id == head.id {
+                g.is_head = false;
+            }
+            for cp in admin.checkpoints.values() {
+                if cp.timeline == t.id {
+                    g.remove_retention(cp.seq);
+                }
+            }
+        }
+        drop(guards);
+        vs.deleted.store(true, Ordering::Release);
+        drop(admin);
+        cat.volumes.remove(name);
+        cat.by_id.remove(&vs.id);
+        Ok(())
+    }
+}
+
+impl Inner {
+    pub(crate) fn volume(&self, name: &str) -> Result<Arc<VolumeState>> {
+        self.catalog
+            .read()
+            .volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    }
+
+    /// Adds a freshly persisted volume and its head timeline to the catalog.
+    pub(crate) fn install_volume(
+        &self,
+        cat: &mut crate::catalog::Catalog,
+        rec: VolumeRecord,
+        trec: TimelineRecord,
+        parent: Option<(Arc<TimelineState>, Seq)>,
+        counters: Counters,
+    ) -> Arc<VolumeState> {
+        let t = Arc::new(TimelineState {
+            id: trec.id,
+            volume: trec.volume,
+            parent,
+            flattened: AtomicBool::new(trec.flattened),
+            m: parking_lot::Mutex::new(TimelineMut {
+                is_head: true,
+                ..Default::default()
+            }),
+        });
+        cat.timelines.insert(t.id, t.clone());
+        let vs = Arc::new(VolumeState {
+            id: rec.id,
+            name: rec.name.clone(),
+            size_bytes: rec.size_bytes,
+            created_unix_ms: rec.created_unix_ms,
+            cloned_from: rec.cloned_from.clone(),
+            head: RwLock::new(t),
+            admin: parking_lot::Mutex::new(VolumeAdmin {
+                next_checkpoint: rec.next_checkpoint,
+                checkpoints: BTreeMap::new(),
+            }),
+            counters: parking_lot::Mutex::new(counters),
+            deleted: AtomicBool::new(false),
+        });
+        cat.by_id.insert(rec.id, vs.clone());
+        cat.volumes.insert(rec.name, vs.clone());
+        vs
+    }
+
+    /// Accumulates what dropping version `f` (of timeline volume `vol`) releases.
+    pub(crate) fn release_version(
+        f: &MapValue,
+        released: &mut Released,
+        groups: &mut HashMap<u64, i64>,
+        delta: &mut Counters,
+    ) {
+        if let MapValue::Owned { phys, .. } = f {
+            released.blocks.push(*phys);
+            *groups.entry(phys.group).or_insert(0) -= 1;
+            delta.owned_blocks -= 1;
+        }
+    }
+}
+
+/// The data-path view of one volume. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct VolumeHandle {
+    inner: Arc<Inner>,
+    vol: Arc<VolumeState>,
+}
+
+enum Change<'a> {
+    Write(&'a [(PhysBlock, u32)]),
+    Zero(usize),
+}
+
+impl VolumeHandle {
+    pub fn name(&self) -> &str {
+        &self.vol.name
+    }
+
+    pub fn id(&self) -> VolumeId {
+        self.vol.id
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.vol.size_bytes
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.vol.is_deleted()
+    }
+
+    fn check(&self, lba0: u64, n: usize) -> Result<()> {
+        if self.vol.is_deleted() {
+            return Err(Error::VolumeNotFound(self.vol.name.clone()));
+        }
+        let end = lba0.checked_add(n as u64);
+        if end.is_none_or(|e| e * BLOCK_SIZE > self.vol.size_bytes) {
+            return Err(Error::Corrupt(format!(
+                "blocks {lba0}+{n} beyond the end of volume {:?}",
+                self.vol.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// What the head shows for blocks `[lba0, lba0 + n)`.
+    pub fn lookup(&self, lba0: u64, n: usize) -> Result<Vec<Mapping>> {
+        self.check(lba0, n)?;
+        let head = self.vol.head();
+        Ok(self
+            .inner
+            .resolve(&head, Seq::MAX, lba0, n)?
+            .into_iter()
+            .map(|f| f.map_or(Mapping::Zero, |f| f.mapping()))
+            .collect())
+    }
+
+    /// Records that blocks `[lba0, lba0 + blocks.len())` now hold the given bytes.
+    pub fn commit_write(&self, lba0: u64, blocks: &[(PhysBlock, u32)]) -> Result<Commit> {
+        self.check(lba0, blocks.len())?;
+        self.commit(lba0, Change::Write(blocks))
+    }
+
+    /// Records that blocks `[lba0, lba0 + n)` read as zeros (discard / write-zeroes).
+    pub fn commit_zero(&self, lba0: u64, n: usize) -> Result<Commit> {
+        self.check(lba0, n)?;
+        self.commit(lba0, Change::Zero(n))
+    }
+
+    fn commit(&self, lba0: u64, change: Change<'_>) -> Result<Commit> {
+        let inner = &self.inner;
+        loop {
+            let head = self.vol.head();
+            let mut tm = head.m.lock();
+            if !tm.is_head || self.vol.is_deleted() {
+                // A restore moved the head (retry there) or the volume went away.
+                if self.vol.is_deleted() {
+                    return Err(Error::VolumeNotFound(self.vol.name.clone()));
+                }
+                continue;
+            }
+            let n = match change {
+                Change::Write(b) => b.len(),
+                Change::Zero(n) => n,
+            };
+            let found = inner.resolve(&head, Seq::MAX, lba0, n)?;
+            let seq = Seq(tm.head_seq.0 + 1);
+            let map = cf(&inner.db, CF_MAP);
+            let mut b = WriteBatch::default();
+            let mut delta = Counters::default();
+            let mut groups: HashMap<u64, i64> = HashMap::new();
+            let mut released = Released::default();
+            let mut changed = false;
+            for (i, old) in found.iter().enumerate() {
+                let lba = Lba(lba0 + i as u64);
+                let old_data = old.filter(|f| f.value.data().is_some());
+                let old_owned = old_data.is_some_and(|f| f.owner == Some(self.vol.id));
+                let new_value = match change {
+                    Change::Write(blocks) => {
+                        let (phys, crc) = blocks[i];
+                        if old_data.is_none() {
+                            delta.head_blocks += 1;
+                        }
+                        if !old_owned {
+                            delta.head_owned_blocks += 1;
+                        }
+                        delta.owned_blocks += 1;
+                        *groups.entry(phys.group).or_insert(0) += 1;
+                        MapValue::Owned { phys, crc }
+                    }
+                    Change::Zero(_) => {
+                        if old_data.is_none() {
+                            continue; // already reads as zeros
+                        }
+                        delta.head_blocks -= 1;
+                        if old_owned {
+                            delta.head_owned_blocks -= 1;
+                        }
+                        MapValue::Tombstone
+                    }
+                };
+                changed = true;
+                if let Some(f) = old
+                    && f.timeline == head.id
+                    && !tm.retained(f.seq, seq)
+                {
+                    b.delete_cf(map, map_key(head.id, lba, f.seq));
+                    Inner::release_version(&f.value, &mut released, &mut groups, &mut delta);
+                }
+                b.put_cf(map, map_key(head.id, lba, seq), new_value.encode());
+            }
+            if !changed {
+                return Ok(Commit {
+                    seq: tm.head_seq,
+                    released,
+                });
+            }
+            b.put_cf(
+                cf(&inner.db, CF_HEADS),
+                crate::codec::u64_key(head.id.0),
+                crate::codec::u64_key(seq.0),
+            );
+            inner.put_group_merges(&mut b, &groups);
+            inner.put_counter_merge(&mut b, self.vol.id, &delta);
+            fail::fail_point!("snapshotter::commit::before_write", |_| Err(
+                Error::Injected("snapshotter::commit::before_write")
+            ));
+            db::write(&inner.db, b, false)?;
+            fail::fail_point!("snapshotter::commit::after_write");
+            tm.head_seq = seq;
+            self.vol.counters.lock().add(&delta);
+            released.empty_groups = inner.apply_groups(&groups);
+            return Ok(Commit { seq, released });
+        }
+    }
+
+    /// Resolution with provenance, for tests and diagnostics.
+    pub fn lookup_found(&self, lba0: u64, n: usize) -> Result<Vec<Option<Found>>> {
+        self.check(lba0, n)?;
+        let head = self.vol.head();
+        self.inner.resolve(&head, Seq::MAX, lba0, n)
+    }
+}

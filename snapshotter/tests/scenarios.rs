@@ -1,0 +1,292 @@
+//! Scenario tests of the metadata engine (fake physical addresses).
+
+use snapshotter::{BLOCK_SIZE, CheckpointId, Error, Mapping, Options, PhysBlock, Snapshotter};
+use std::collections::HashSet;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    snap: Option<Snapshotter>,
+    next_phys: u64,
+}
+
+impl Env {
+    fn new() -> Env {
+        Self::with(Options::default())
+    }
+    fn with(opts: Options) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let snap = Snapshotter::open(&path, opts).unwrap();
+        Env {
+            _dir: dir,
+            path,
+            snap: Some(snap),
+            next_phys: 1,
+        }
+    }
+    fn s(&self) -> &Snapshotter {
+        self.snap.as_ref().unwrap()
+    }
+    fn reopen(&mut self) {
+        self.snap = None;
+        self.snap = Some(Snapshotter::open(&self.path, Options::default()).unwrap());
+    }
+    /// Writes `n` blocks at `lba`, returns the phys addresses used.
+    fn write(&mut self, vol: &str, lba: u64, n: usize) -> Vec<PhysBlock> {
+        let blocks: Vec<(PhysBlock, u32)> = (0..n)
+            .map(|_| {
+                let p = self.next_phys;
+                self.next_phys += 1;
+                (
+                    PhysBlock {
+                        group: p / 8,
+                        index: (p % 8) as u32,
+                    },
+                    p as u32,
+                )
+            })
+            .collect();
+        self.s()
+            .volume(vol)
+            .unwrap()
+            .commit_write(lba, &blocks)
+            .unwrap();
+        blocks.into_iter().map(|(p, _)| p).collect()
+    }
+    fn read(&self, vol: &str, lba: u64, n: usize) -> Vec<Option<u32>> {
+        self.s()
+            .volume(vol)
+            .unwrap()
+            .lookup(lba, n)
+            .unwrap()
+            .into_iter()
+            .map(|m| match m {
+                Mapping::Zero => None,
+                Mapping::Data { crc, .. } => Some(crc),
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn create_list_stat_delete() {
+    let e = Env::new();
+    let s = e.s();
+    let v = s.create_volume("a", 1 << 20).unwrap();
+    assert_eq!(v.size_bytes, 1 << 20);
+    assert!(matches!(
+        s.create_volume("a", 1 << 20),
+        Err(Error::VolumeExists(_))
+    ));
+    assert!(matches!(
+        s.create_volume("bad/name", 4096),
+        Err(Error::InvalidName(_))
+    ));
+    assert!(matches!(
+        s.create_volume("-x", 4096),
+        Err(Error::InvalidName(_))
+    ));
+    assert!(matches!(
+        s.create_volume("b", 1000),
+        Err(Error::InvalidSize(1000))
+    ));
+    assert!(matches!(
+        s.create_volume("b", 0),
+        Err(Error::InvalidSize(0))
+    ));
+    s.create_volume("b", 8192).unwrap();
+    let names: Vec<String> = s.list_volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    s.delete_volume("a").unwrap();
+    assert!(matches!(s.stat("a"), Err(Error::VolumeNotFound(_))));
+    assert!(matches!(
+        s.delete_volume("a"),
+        Err(Error::VolumeNotFound(_))
+    ));
+}
+
+#[test]
+fn out_of_range_is_rejected() {
+    let mut e = Env::new();
+    e.s().create_volume("v", 4 * BLOCK_SIZE).unwrap();
+    e.write("v", 3, 1);
+    let h = e.s().volume("v").unwrap();
+    assert!(h.lookup(3, 2).is_err());
+    assert!(h.commit_zero(4, 1).is_err());
+    assert!(h.lookup(u64::MAX, 2).is_err());
+}
+
+#[test]
+fn overwrite_releases_old_block_unless_checkpointed() {
+    let mut e = Env::new();
+    e.s().create_volume("v", 1 << 20).unwrap();
+    let first = e.write("v", 0, 1);
+    let h = e.s().volume("v").unwrap();
+    // Overwrite without checkpoint: old block released.
+    let c = h
+        .commit_write(
+            0,
+            &[(
+                PhysBlock {
+                    group: 1000,
+                    index: 0,
+                },
+                7,
+            )],
+        )
+        .unwrap();
+    assert_eq!(c.released.blocks, first);
+    // Checkpoint, then overwrite: nothing released, checkpoint-only bytes appear.
+    let cp = e.s().create_checkpoint("v", "one").unwrap();
+    assert_eq!(cp.id, CheckpointId(1));
+    let c = h
+        .commit_write(
+            0,
+            &[(
+                PhysBlock {
+                    group: 1000,
+                    index: 1,
+                },
+                8,
+            )],
+        )
+        .unwrap();
+    assert!(c.released.blocks.is_empty());
+    let st = e.s().stat("v").unwrap();
+    assert_eq!(st.head_bytes, BLOCK_SIZE);
+    assert_eq!(st.checkpoint_only_bytes, BLOCK_SIZE);
+    assert_eq!(st.owned_bytes, 2 * BLOCK_SIZE);
+    // Deleting the checkpoint lets GC release the old version.
+    e.s().delete_checkpoint("v", cp.id).unwrap();
+    let r = e.s().run_all_background_work().unwrap();
+    assert_eq!(
+        r.blocks,
+        vec![PhysBlock {
+            group: 1000,
+            index: 0
+        }]
+    );
+    let st = e.s().stat("v").unwrap();
+    assert_eq!(st.checkpoint_only_bytes, 0);
+    assert_eq!(st.owned_bytes, BLOCK_SIZE);
+}
+
+#[test]
+fn restore_is_undoable_and_counts_follow() {
+    let mut e = Env::new();
+    e.s().create_volume("v", 1 << 20).unwrap();
+    e.write("v", 0, 4);
+    let cp1 = e.s().create_checkpoint("v", "").unwrap();
+    let before = e.read("v", 0, 8);
+    e.write("v", 2, 4);
+    e.s().volume("v").unwrap().commit_zero(0, 1).unwrap();
+    let after = e.read("v", 0, 8);
+    assert_ne!(before, after);
+    let auto = e.s().restore("v", cp1.id).unwrap();
+    assert_eq!(auto.id, CheckpointId(2));
+    assert_eq!(e.read("v", 0, 8), before);
+    assert_eq!(e.s().stat("v").unwrap().head_bytes, 4 * BLOCK_SIZE);
+    // Undo: restore the automatic checkpoint.
+    e.s().restore("v", auto.id).unwrap();
+    assert_eq!(e.read("v", 0, 8), after);
+    assert_eq!(e.s().stat("v").unwrap().head_bytes, 5 * BLOCK_SIZE);
+    // Everything survives a reopen.
+    e.reopen();
+    assert_eq!(e.read("v", 0, 8), after);
+    let ids: Vec<String> = e
+        .s()
+        .list_checkpoints("v")
+        .unwrap()
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(ids, ["v1", "v2", "v3"]);
+}
+
+#[test]
+fn clone_is_independent() {
+    let mut e = Env::new();
+    e.s().create_volume("base", 1 << 20).unwrap();
+    e.write("base", 0, 4);
+    let cp = e.s().create_checkpoint("base", "golden").unwrap();
+    let info = e.s().clone_volume("base", cp.id, "child").unwrap();
+    assert_eq!(info.cloned_from.as_deref(), Some("base@v1"));
+    assert_eq!(info.head_bytes, 4 * BLOCK_SIZE);
+    assert_eq!(info.head_shared_bytes, 4 * BLOCK_SIZE);
+    assert_eq!(info.owned_bytes, 0);
+    let base_view = e.read("base", 0, 4);
+    assert_eq!(e.read("child", 0, 4), base_view);
+    e.write("child", 1, 1);
+    e.write("base", 2, 1);
+    assert_ne!(e.read("child", 1, 1), base_view[1..2]);
+    assert_eq!(e.read("child", 2, 1), base_view[2..3]);
+    let st = e.s().stat("child").unwrap();
+    assert_eq!(
+        (st.head_bytes, st.owned_bytes),
+        (4 * BLOCK_SIZE, BLOCK_SIZE)
+    );
+    // Deleting the source keeps what the clone reads.
+    e.s().delete_checkpoint("base", cp.id).unwrap();
+    e.s().delete_volume("base").unwrap();
+    e.s().run_all_background_work().unwrap();
+    assert_eq!(e.read("child", 0, 1), base_view[0..1]);
+    assert_eq!(e.read("child", 3, 1), base_view[3..4]);
+    e.reopen();
+    assert_eq!(e.read("child", 3, 1), base_view[3..4]);
+    assert!(matches!(
+        e.s().clone_volume("child", CheckpointId(9), "x"),
+        Err(Error::CheckpointNotFound { .. })
+    ));
+}
+
+#[test]
+fn deleting_everything_releases_everything() {
+    let mut e = Env::new();
+    e.s().create_volume("a", 1 << 20).unwrap();
+    let mut written: HashSet<PhysBlock> = HashSet::new();
+    written.extend(e.write("a", 0, 8));
+    let c1 = e.s().create_checkpoint("a", "").unwrap();
+    written.extend(e.write("a", 4, 8));
+    e.s().clone_volume("a", c1.id, "b").unwrap();
+    written.extend(e.write("b", 2, 3));
+    e.s().restore("a", c1.id).unwrap();
+    written.extend(e.write("a", 0, 2));
+    let mut released: HashSet<PhysBlock> = HashSet::new();
+    let mut take = |r: snapshotter::Released| {
+        for b in r.blocks {
+            assert!(released.insert(b), "{b:?} released twice");
+        }
+    };
+    for name in ["a", "b"] {
+        e.s().delete_volume(name).unwrap();
+        take(e.s().run_all_background_work().unwrap());
+    }
+    // Overwrites released some blocks directly in the data path; count those too.
+    let live: usize = e.s().group_refs().values().map(|n| *n as usize).sum();
+    assert_eq!(live, 0, "references left: {:?}", e.s().group_refs());
+    assert!(released.is_subset(&written));
+}
+
+#[test]
+fn deep_restore_chains_get_flattened() {
+    let mut e = Env::with(Options {
+        max_read_depth: 3,
+        ..Default::default()
+    });
+    e.s().create_volume("v", 64 * BLOCK_SIZE).unwrap();
+    e.write("v", 0, 64);
+    let mut expect = e.read("v", 0, 64);
+    for round in 0..10u64 {
+        let cp = e.s().create_checkpoint("v", "").unwrap();
+        e.write("v", round, 1);
+        e.s().restore("v", cp.id).unwrap();
+        e.s().run_all_background_work().unwrap();
+        assert_eq!(e.read("v", 0, 64), expect, "round {round}");
+        assert!(e.s().stat("v").unwrap().read_depth <= 3);
+        e.write("v", 63 - round, 1);
+        expect = e.read("v", 0, 64);
+    }
+    e.reopen();
+    assert_eq!(e.read("v", 0, 64), expect);
+}
