@@ -66,8 +66,14 @@ pub struct LocalStats {
 struct AppendState {
     active: Option<Arc<Segment>>,
     next_block: u32,
+    /// The active segment is preallocated up to this block.
+    prealloc_block: u32,
     next_id: u64,
 }
+
+/// Preallocation step: appends stay inside preallocated space without reserving a whole
+/// segment on disk up front.
+const PREALLOC_BLOCKS: u32 = 2048; // 8 MiB
 
 pub struct LocalStore {
     dir: PathBuf,
@@ -174,6 +180,7 @@ impl LocalStore {
             append: Mutex::new(AppendState {
                 active: None,
                 next_block: 0,
+                prealloc_block: 0,
                 next_id: max_id + 1,
             }),
             segments: RwLock::new(segments),
@@ -195,9 +202,10 @@ impl LocalStore {
     /// Seals the active segment: no more appends; the unused preallocated tail is released.
     fn seal_locked(&self, st: &mut AppendState) {
         if let Some(seg) = st.active.take() {
-            let used = st.next_block as u64 * BLOCK_SIZE as u64;
-            if used < self.cfg.segment_bytes {
-                punch_sync(&seg, used, self.cfg.segment_bytes - used);
+            if st.prealloc_block > st.next_block {
+                let used = st.next_block as u64 * BLOCK_SIZE as u64;
+                let end = st.prealloc_block as u64 * BLOCK_SIZE as u64;
+                punch_sync(&seg, used, end - used);
             }
             seg.sealed.store(true, Ordering::Release);
             if seg.pending.load(Ordering::Acquire) == 0 {
@@ -205,6 +213,7 @@ impl LocalStore {
             }
         }
         st.next_block = 0;
+        st.prealloc_block = 0;
     }
 
     /// Seals the active segment now (e.g. before uploading it).
@@ -223,12 +232,8 @@ impl LocalStore {
                 self.seal_locked(&mut st);
                 let id = st.next_id;
                 st.next_id += 1;
-                let (seg, direct) = Segment::create(
-                    &self.dir,
-                    id,
-                    self.cfg.segment_bytes,
-                    self.direct.load(Ordering::Relaxed),
-                )?;
+                let (seg, direct) =
+                    Segment::create(&self.dir, id, self.direct.load(Ordering::Relaxed))?;
                 if !direct && self.direct.swap(false, Ordering::Relaxed) {
                     tracing::warn!(dir = %self.dir.display(), "O_DIRECT not supported here; using buffered I/O");
                 }
@@ -237,11 +242,25 @@ impl LocalStore {
                 self.stats.segments_created.fetch_add(1, Ordering::Relaxed);
                 st.active = Some(seg);
                 st.next_block = 0;
+                st.prealloc_block = 0;
             }
             let Some(seg) = st.active.clone() else {
                 return Err(Error::Invalid("no active segment".into()));
             };
             let take = remaining.min(seg_blocks - st.next_block);
+            if st.next_block + take > st.prealloc_block {
+                let to = (st.next_block + take)
+                    .max(st.prealloc_block + PREALLOC_BLOCKS)
+                    .min(seg_blocks);
+                let bs = BLOCK_SIZE as u64;
+                match seg.preallocate(st.prealloc_block as u64 * bs, to as u64 * bs) {
+                    Ok(()) => st.prealloc_block = to,
+                    // Out of space for the preallocation: the write itself may still fit
+                    // (it extends the file, or fails with ENOSPC).
+                    Err(Error::NoSpace) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             seg.pending.fetch_add(1, Ordering::AcqRel);
             runs.push((seg, st.next_block, take));
             st.next_block += take;
@@ -252,36 +271,77 @@ impl LocalStore {
 
     /// Appends the 4 KiB blocks in `buf`'s window (its start and length multiples of 4 KiB).
     pub async fn append(&self, buf: Arc<AlignedBuf>) -> Result<Appended> {
+        let n = buf.len() / BLOCK_SIZE;
+        self.append_ranges(buf, &[0..n]).await
+    }
+
+    /// Appends the given ranges of blocks of `buf`'s window (block indexes relative to the
+    /// window start), in order, as one append.
+    pub async fn append_ranges(
+        &self,
+        buf: Arc<AlignedBuf>,
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<Appended> {
         let start = buf.window_start();
         let len = buf.len();
-        if start % ALIGN != 0 || len % BLOCK_SIZE != 0 || len == 0 {
+        if start % ALIGN != 0 || len % BLOCK_SIZE != 0 {
             return Err(Error::Invalid(format!(
                 "append of {len} bytes at buffer offset {start}: must be whole 4 KiB blocks"
             )));
         }
-        let crcs: Vec<u32> = buf.as_slice().chunks(BLOCK_SIZE).map(block_crc).collect();
-        let runs = self.reserve((len / BLOCK_SIZE) as u32)?;
+        let window_blocks = len / BLOCK_SIZE;
+        if ranges
+            .iter()
+            .any(|r| r.start >= r.end || r.end > window_blocks)
+        {
+            return Err(Error::Invalid(format!(
+                "append ranges {ranges:?} outside a {window_blocks}-block buffer"
+            )));
+        }
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        if total == 0 {
+            return Err(Error::Invalid("empty append".into()));
+        }
+        let mut crcs = Vec::with_capacity(total);
+        for r in ranges {
+            let bytes = &buf.as_slice()[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE];
+            crcs.extend(bytes.chunks(BLOCK_SIZE).map(block_crc));
+        }
+        let runs = self.reserve(total as u32)?;
         let guard = PendingGuard {
             store_idle: self.idle.clone(),
             segments: runs.iter().map(|(s, _, _)| s.clone()).collect(),
         };
+        // Pair each reserved run with the source blocks it receives: both sequences are
+        // walked in order, splitting where either ends.
+        let mut sources = ranges.iter().cloned();
+        let mut src = sources.next().unwrap_or(0..0);
         let mut out = Vec::with_capacity(runs.len());
-        let mut buf_off = start;
         let mut first_err = None;
         for (seg, block, n) in &runs {
-            let bytes = *n as usize * BLOCK_SIZE;
-            let r = self
-                .ring
-                .write_at(
-                    &seg.file,
-                    *block as u64 * BLOCK_SIZE as u64,
-                    &buf,
-                    buf_off,
-                    bytes,
-                )
-                .await;
-            if let Err(e) = r {
-                first_err.get_or_insert(Error::io(seg.path.display().to_string(), e));
+            let mut dst = *block;
+            let mut left = *n as usize;
+            while left > 0 {
+                if src.is_empty() {
+                    src = sources.next().unwrap_or(0..0);
+                }
+                let take = left.min(src.len());
+                let r = self
+                    .ring
+                    .write_at(
+                        &seg.file,
+                        dst as u64 * BLOCK_SIZE as u64,
+                        &buf,
+                        start + src.start * BLOCK_SIZE,
+                        take * BLOCK_SIZE,
+                    )
+                    .await;
+                if let Err(e) = r {
+                    first_err.get_or_insert(Error::io(seg.path.display().to_string(), e));
+                }
+                src.start += take;
+                dst += take as u32;
+                left -= take;
             }
             self.dirty.lock().insert(seg.id);
             out.push((
@@ -291,7 +351,6 @@ impl LocalStore {
                 },
                 *n,
             ));
-            buf_off += bytes;
         }
         if let Some(e) = first_err {
             return Err(e);
@@ -301,7 +360,7 @@ impl LocalStore {
         )));
         self.stats
             .appended_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
+            .fetch_add((total * BLOCK_SIZE) as u64, Ordering::Relaxed);
         Ok(Appended {
             runs: out,
             crcs,
@@ -522,8 +581,9 @@ impl LocalStore {
                 continue;
             }
             let end = s.data_end().div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
-            if end < self.cfg.segment_bytes && s.allocated_bytes() > end {
-                punch_sync(&s, end, self.cfg.segment_bytes - end);
+            let file_len = s.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if end < file_len && s.allocated_bytes() > end {
+                punch_sync(&s, end, file_len - end);
             }
         }
     }
@@ -717,6 +777,23 @@ mod tests {
         assert!(store.allocated_bytes() < (1 << 20));
         let b = store.append(Arc::new(pattern(1, 5))).await.unwrap();
         assert_ne!(b.runs[0].0.segment, runs[0].0.segment);
+    }
+
+    #[tokio::test]
+    async fn append_ranges_packs_the_chosen_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), cfg(4 * 4096)).unwrap();
+        let data = pattern(8, 3);
+        let src = data.as_slice().to_vec();
+        let a = store
+            .append_ranges(Arc::new(data), &[1..3, 4..8])
+            .await
+            .unwrap();
+        assert_eq!(a.addrs().count(), 6);
+        let back = read_back(&store, &a).await.unwrap();
+        let mut expect = src[4096..3 * 4096].to_vec();
+        expect.extend_from_slice(&src[4 * 4096..]);
+        assert_eq!(back.as_slice(), &expect[..]);
     }
 
     #[tokio::test]

@@ -54,29 +54,28 @@ fn open(path: &Path, create: bool, direct: bool) -> std::io::Result<(File, bool)
 }
 
 impl Segment {
-    pub fn create(dir: &Path, id: u64, size_bytes: u64, direct: bool) -> Result<(Segment, bool)> {
+    pub fn create(dir: &Path, id: u64, direct: bool) -> Result<(Segment, bool)> {
         let path = dir.join(file_name(id));
         let (file, direct) =
             open(&path, true, direct).map_err(|e| Error::io(path.display().to_string(), e))?;
-        // Preallocate so appends never extend the file (extending O_DIRECT writes serialise
-        // on the inode lock in ext4/xfs).
+        Ok((Segment::new(id, path, file), direct))
+    }
+
+    /// Preallocates `[from, to)` so appends there do not extend the file (extending
+    /// O_DIRECT writes serialise on the inode lock in ext4/xfs). Where the filesystem
+    /// cannot preallocate, appends extend the file instead.
+    pub fn preallocate(&self, from: u64, to: u64) -> Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.file);
         // SAFETY: plain syscall on a valid fd.
-        let r = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-                0,
-                size_bytes as i64,
-            )
-        };
+        let r = unsafe { libc::fallocate(fd, 0, from as i64, (to - from) as i64) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                let _ = std::fs::remove_file(&path);
-                return Err(Error::io(format!("preallocate {}", path.display()), e));
-            }
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => Ok(()),
+                _ => Err(Error::io(format!("preallocate {}", self.path.display()), e)),
+            };
         }
-        Ok((Segment::new(id, path, file), direct))
+        Ok(())
     }
 
     pub fn open_existing(path: PathBuf, id: u64, direct: bool) -> Result<Segment> {

@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use ids::{BLOCK_SIZE, CheckpointId, Lba, PhysBlock, Seq, TimelineId, VolumeId};
 pub use map::{Found, Mapping};
 pub use records::{CheckpointKind, CheckpointRecord};
-pub use volume::{Commit, VolumeHandle, VolumeInfo};
+pub use volume::{BlockUpdate, Commit, VolumeHandle, VolumeInfo};
 
 /// Decoders for untrusted on-disk bytes, exposed for fuzzing.
 pub mod decode {

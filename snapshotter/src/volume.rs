@@ -275,9 +275,13 @@ pub struct VolumeHandle {
     vol: Arc<VolumeState>,
 }
 
-enum Change<'a> {
-    Write(&'a [(PhysBlock, u32)]),
-    Zero(usize),
+/// What one block of a commit becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockUpdate {
+    /// New bytes (address and crc32c).
+    Data(PhysBlock, u32),
+    /// Reads as zeros (discard, write-zeroes, or a written block that was all zeros).
+    Zero,
 }
 
 impl VolumeHandle {
@@ -325,17 +329,26 @@ impl VolumeHandle {
 
     /// Records that blocks `[lba0, lba0 + blocks.len())` now hold the given bytes.
     pub fn commit_write(&self, lba0: u64, blocks: &[(PhysBlock, u32)]) -> Result<Commit> {
-        self.check(lba0, blocks.len())?;
-        self.commit(lba0, Change::Write(blocks))
+        let updates: Vec<BlockUpdate> = blocks
+            .iter()
+            .map(|(p, c)| BlockUpdate::Data(*p, *c))
+            .collect();
+        self.commit_blocks(lba0, &updates)
     }
 
     /// Records that blocks `[lba0, lba0 + n)` read as zeros (discard / write-zeroes).
     pub fn commit_zero(&self, lba0: u64, n: usize) -> Result<Commit> {
-        self.check(lba0, n)?;
-        self.commit(lba0, Change::Zero(n))
+        self.commit_blocks(lba0, &vec![BlockUpdate::Zero; n])
     }
 
-    fn commit(&self, lba0: u64, change: Change<'_>) -> Result<Commit> {
+    /// Records one request's changes to blocks `[lba0, lba0 + updates.len())` as one batch
+    /// at one seq (each block is atomic: old or new, never torn).
+    pub fn commit_blocks(&self, lba0: u64, updates: &[BlockUpdate]) -> Result<Commit> {
+        self.check(lba0, updates.len())?;
+        self.commit(lba0, updates)
+    }
+
+    fn commit(&self, lba0: u64, updates: &[BlockUpdate]) -> Result<Commit> {
         let inner = &self.inner;
         loop {
             let head = self.vol.head();
@@ -347,10 +360,7 @@ impl VolumeHandle {
                 }
                 continue;
             }
-            let n = match change {
-                Change::Write(b) => b.len(),
-                Change::Zero(n) => n,
-            };
+            let n = updates.len();
             let found = inner.resolve(&head, Seq::MAX, lba0, n)?;
             let seq = Seq(tm.head_seq.0 + 1);
             let map = cf(&inner.db, CF_MAP);
@@ -363,9 +373,8 @@ impl VolumeHandle {
                 let lba = Lba(lba0 + i as u64);
                 let old_data = old.filter(|f| f.value.data().is_some());
                 let old_owned = old_data.is_some_and(|f| f.owner == Some(self.vol.id));
-                let new_value = match change {
-                    Change::Write(blocks) => {
-                        let (phys, crc) = blocks[i];
+                let new_value = match updates[i] {
+                    BlockUpdate::Data(phys, crc) => {
                         if old_data.is_none() {
                             delta.head_blocks += 1;
                         }
@@ -376,7 +385,7 @@ impl VolumeHandle {
                         *groups.entry(phys.group).or_insert(0) += 1;
                         MapValue::Owned { phys, crc }
                     }
-                    Change::Zero(_) => {
+                    BlockUpdate::Zero => {
                         if old_data.is_none() {
                             continue; // already reads as zeros
                         }
