@@ -1,3 +1,21 @@
-//! The block daemon.
+//! The block daemon: composes `snapshotter` (metadata) and `chunkstore` (data) into
+//! [`Volume`]s and serves them over NBD (and vhost-user-blk), with an admin API on a unix
+//! socket, an operator CLI, and Prometheus metrics.
 
+pub mod admin;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod engine;
+pub mod error;
+pub mod metrics;
 pub mod nbd;
+pub mod reclaim;
+pub mod serve;
+pub mod size;
+pub mod volume;
+
+pub use engine::{Attached, Engine, EngineConfig, VolumeStat};
+pub use error::{EngineError, ErrorCode};
+pub use volume::Volume;

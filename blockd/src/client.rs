@@ -1,0 +1,111 @@
+//! Client of the admin API over its unix socket (used by the CLI, tests and the VMM layer).
+
+use crate::error::ErrorCode;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach blockd at {socket}: {reason} (is `blockd serve` running? set --admin-socket)"
+    )]
+    Unreachable { socket: String, reason: String },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("unexpected response from blockd: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// CLI exit status for this error (README documents them).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Unreachable { .. } => 7,
+            ClientError::Api { code, .. } => code.exit_code(),
+            ClientError::Protocol(_) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    socket: PathBuf,
+}
+
+impl AdminClient {
+    pub fn new(socket: &Path) -> AdminClient {
+        AdminClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            socket: self.socket.display().to_string(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let bytes = match &body {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "blockd")
+            .header("content-type", "application/json")
+            .body(Full::new(bytes))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Protocol(format!("status {status}: {e}")))?
+        };
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        let err = &value["error"];
+        let code = serde_json::from_value(err["code"].clone()).unwrap_or(ErrorCode::Internal);
+        Err(ClientError::Api {
+            status,
+            code,
+            message: err["message"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_string(),
+        })
+    }
+}

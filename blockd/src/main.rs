@@ -1,0 +1,68 @@
+use blockd::cli::{Cli, Command};
+use clap::Parser;
+
+fn init_logging(filter: &str) {
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Failpoints (`FAILPOINTS=name=panic;...`, see docs/reliability.md) end the process like a
+/// crash: a panic raised by one aborts at once instead of unwinding into a task boundary.
+fn install_failpoint_abort() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failpoint") {
+            std::process::abort();
+        }
+    }));
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match &cli.cmd {
+        Command::Serve(args) => {
+            let cfg = match cli.config_for_serve(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(6);
+                }
+            };
+            init_logging(&cfg.log);
+            install_failpoint_abort();
+            let _scenario = fail::FailScenario::setup();
+            match rt.block_on(blockd::serve::serve(cfg)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+        _ => rt.block_on(cli.run_admin()),
+    };
+    drop(rt);
+    std::process::exit(code);
+}

@@ -1,0 +1,397 @@
+//! Prometheus metrics of the daemon (prometheus-client). Every metric is documented in
+//! `docs/metrics.md`. Per-request metrics are updated through handles cached per volume,
+//! so the data path never allocates label strings.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+use vhost_blk::DeviceError;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Discard => "discard",
+            Op::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+impl EncodeLabelValue for Op {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolOpLabels {
+    pub volume: String,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub op: Op,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminLabels {
+    pub op: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~42 s
+    Histogram::new(exponential_buckets(1e-5, 2.0, 22))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<VolOpLabels, Counter>,
+    pub bytes: Family<VolOpLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    pub admin_latency: Family<AdminLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            bytes: Family::default(),
+            errors: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            admin_latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+/// Handles for one volume's counters.
+#[derive(Debug, Clone)]
+pub struct VolumeCounters {
+    requests: [Counter; 5],
+    bytes: [Counter; 5],
+}
+
+const OPS: [Op; 5] = [Op::Read, Op::Write, Op::Flush, Op::Discard, Op::WriteZeroes];
+
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Read => 0,
+        Op::Write => 1,
+        Op::Flush => 2,
+        Op::Discard => 3,
+        Op::WriteZeroes => 4,
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "blockd_requests",
+            "Block requests served, by volume and operation",
+            self.requests.clone(),
+        );
+        reg.register(
+            "blockd_request_bytes",
+            "Bytes read, written, discarded or zeroed, by volume and operation",
+            self.bytes.clone(),
+        );
+        reg.register(
+            "blockd_request_errors",
+            "Block requests that failed, by operation and error kind",
+            self.errors.clone(),
+        );
+        reg.register(
+            "blockd_request_duration_seconds",
+            "Block request latency inside the daemon, by operation",
+            self.latency.clone(),
+        );
+        reg.register(
+            "blockd_admin_duration_seconds",
+            "Latency of admin operations inside the daemon (checkpoint_create, checkpoint_restore, clone, ...)",
+            self.admin_latency.clone(),
+        );
+    }
+
+    pub fn volume(&self, name: &str) -> VolumeCounters {
+        let get = |f: &Family<VolOpLabels, Counter>, op| {
+            f.get_or_create(&VolOpLabels {
+                volume: name.to_string(),
+                op,
+            })
+            .clone()
+        };
+        VolumeCounters {
+            requests: OPS.map(|op| get(&self.requests, op)),
+            bytes: OPS.map(|op| get(&self.bytes, op)),
+        }
+    }
+
+    /// Drops a deleted volume's series.
+    pub fn forget_volume(&self, name: &str) {
+        for op in OPS {
+            let l = VolOpLabels {
+                volume: name.to_string(),
+                op,
+            };
+            self.requests.remove(&l);
+            self.bytes.remove(&l);
+        }
+    }
+
+    pub fn observe_io(
+        &self,
+        vc: &VolumeCounters,
+        op: Op,
+        bytes: u64,
+        took: Duration,
+        err: Option<&DeviceError>,
+    ) {
+        let i = op_index(op);
+        vc.requests[i].inc();
+        match err {
+            None => {
+                vc.bytes[i].inc_by(bytes);
+            }
+            Some(e) => {
+                let kind = match e {
+                    DeviceError::Invalid(_) => "invalid",
+                    DeviceError::ReadOnly => "read_only",
+                    DeviceError::NoSpace => "no_space",
+                    DeviceError::Unsupported => "unsupported",
+                    DeviceError::Gone(_) => "gone",
+                    DeviceError::Io(_) => "io",
+                };
+                self.errors
+                    .get_or_create(&ErrorLabels {
+                        op,
+                        kind: kind.to_string(),
+                    })
+                    .inc();
+            }
+        }
+        self.latency
+            .get_or_create(&OpLabels { op })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_admin(&self, op: &str, took: Duration) {
+        self.admin_latency
+            .get_or_create(&AdminLabels { op: op.to_string() })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Gauges and counters read from the engine's state on each scrape.
+#[derive(Debug)]
+pub struct StateCollector {
+    pub engine: std::sync::Weak<crate::Engine>,
+    pub nbd: std::sync::Arc<crate::nbd::NbdStats>,
+}
+
+mod state {
+    use super::StateCollector;
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::MetricType;
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+        ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+    }
+
+    fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+    }
+
+    impl Collector for StateCollector {
+        fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+            let n = self.nbd.snapshot();
+            gauge(
+                &mut e,
+                "blockd_nbd_connections",
+                "Open NBD connections",
+                n.connections_active as i64,
+            )?;
+            counter(
+                &mut e,
+                "blockd_nbd_connections_accepted",
+                "NBD connections accepted",
+                n.connections_accepted,
+            )?;
+            counter(
+                &mut e,
+                "blockd_nbd_handshakes_failed",
+                "NBD connections that failed the handshake",
+                n.handshakes_failed,
+            )?;
+            counter(
+                &mut e,
+                "blockd_nbd_protocol_errors",
+                "NBD connections closed for protocol violations",
+                n.protocol_errors,
+            )?;
+            counter(
+                &mut e,
+                "blockd_nbd_request_errors",
+                "NBD requests answered with an error",
+                n.request_errors,
+            )?;
+            gauge(
+                &mut e,
+                "blockd_nbd_in_flight_requests",
+                "NBD requests in flight",
+                n.in_flight_requests as i64,
+            )?;
+            gauge(
+                &mut e,
+                "blockd_nbd_in_flight_bytes",
+                "NBD payload bytes held for in-flight requests",
+                n.in_flight_bytes as i64,
+            )?;
+
+            let Some(engine) = self.engine.upgrade() else {
+                return Ok(());
+            };
+            let core = &engine.core;
+            let ls = &core.local.stats;
+            counter(
+                &mut e,
+                "chunkstore_appended_bytes",
+                "Bytes appended to local segments",
+                ls.appended_bytes.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_read_bytes",
+                "Bytes read from local segments",
+                ls.read_bytes.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_punched_bytes",
+                "Bytes released by punching holes in segments",
+                ls.punched_bytes.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_segments_created",
+                "Local segment files created",
+                ls.segments_created.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_segments_removed",
+                "Local segment files deleted after all their blocks were released",
+                ls.segments_removed.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_checksum_failures",
+                "Blocks whose crc32c did not match on read (each is an I/O error to the client)",
+                ls.checksum_failures.load(Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "chunkstore_syncs",
+                "Completed segment syncs (flushes)",
+                ls.syncs.load(Relaxed),
+            )?;
+            gauge(
+                &mut e,
+                "chunkstore_segments",
+                "Local segment files",
+                core.local.segment_ids().len() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "chunkstore_local_bytes",
+                "Bytes the segment files occupy on the local disk",
+                core.local.allocated_bytes() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "blockd_reclaim_pending_blocks",
+                "Released blocks waiting for durability or in-flight reads before their space is reclaimed",
+                core.reclaim.pending_blocks() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "snapshotter_background_work_pending",
+                "1 while GC or flattening work is queued",
+                core.snap.has_background_work() as i64,
+            )?;
+
+            let vols = engine.list_volumes();
+            gauge(&mut e, "blockd_volumes", "Volumes", vols.len() as i64)?;
+            type Get = fn(&crate::VolumeStat) -> u64;
+            let per_volume: [(&str, &str, Get); 7] = [
+                ("blockd_volume_size_bytes", "Logical size", |v| {
+                    v.info.size_bytes
+                }),
+                (
+                    "blockd_volume_head_bytes",
+                    "Written, not trimmed bytes visible in the head (incl. shared from the clone source)",
+                    |v| v.info.head_bytes,
+                ),
+                (
+                    "blockd_volume_shared_bytes",
+                    "Head bytes shared with the volume it was cloned from",
+                    |v| v.info.head_shared_bytes,
+                ),
+                (
+                    "blockd_volume_checkpoint_only_bytes",
+                    "Bytes held only by checkpoints",
+                    |v| v.info.checkpoint_only_bytes,
+                ),
+                (
+                    "blockd_volume_owned_bytes",
+                    "All bytes the volume holds (head + checkpoint-only)",
+                    |v| v.info.owned_bytes,
+                ),
+                ("blockd_volume_checkpoints", "Checkpoints", |v| {
+                    v.info.checkpoints
+                }),
+                (
+                    "blockd_volume_attached_clients",
+                    "Front-end connections attached",
+                    |v| v.attached_clients as u64,
+                ),
+            ];
+            for (name, help, get) in per_volume {
+                let mut fam = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for v in &vols {
+                    let labels = [("volume", v.info.name.clone())];
+                    ConstGauge::new(get(v) as i64).encode(fam.encode_family(&labels)?)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}

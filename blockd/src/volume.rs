@@ -1,0 +1,387 @@
+//! `Volume`: one virtual disk, composed of the snapshotter's block map and chunkstore's
+//! segments. Implements `vhost_blk::BlockDevice`, so NBD and vhost-user-blk serve it alike.
+//!
+//! - Reads resolve the head's map entries, read the data runs with io_uring and verify each
+//!   block's crc32c; unmapped blocks read as zeros.
+//! - Writes of whole 4 KiB blocks append to the active segment and then commit the new map
+//!   entries (one RocksDB batch). Writes of 512-byte-aligned partial blocks read-modify-write
+//!   the edge blocks under a per-block lock.
+//! - Discard and write-zeroes both record tombstones (the range reads as zeros); partial
+//!   edge blocks are zeroed by read-modify-write.
+//! - FLUSH (and FUA) syncs the segments written since the last flush, then RocksDB's WAL.
+
+use crate::core::Core;
+use crate::metrics::{Op, VolumeCounters};
+use chunkstore::{AlignedBuf, BLOCK_SIZE, ReadReq};
+use snapshotter::{BlockUpdate, Mapping, PhysBlock, VolumeHandle};
+use std::sync::Arc;
+use std::time::Instant;
+use vhost_blk::{BlockDevice, DeviceError, Extent, check_range};
+
+/// Largest single request (matches the NBD server's limit).
+pub const MAX_IO_BYTES: u64 = 32 << 20;
+/// Blocks per map batch for large discards.
+const ZERO_BATCH_BLOCKS: u64 = 16 << 10;
+const RMW_STRIPES: usize = 64;
+const BS: u64 = BLOCK_SIZE as u64;
+
+#[derive(Debug)]
+pub struct Volume {
+    core: Arc<Core>,
+    handle: VolumeHandle,
+    size_bytes: u64,
+    read_only: bool,
+    rmw: Vec<tokio::sync::Mutex<()>>,
+    counters: VolumeCounters,
+}
+
+pub(crate) fn to_device_error(e: impl Into<crate::error::EngineError>) -> DeviceError {
+    e.into().to_device_error()
+}
+
+impl Volume {
+    pub(crate) fn new(core: Arc<Core>, handle: VolumeHandle, read_only: bool) -> Volume {
+        Volume {
+            size_bytes: handle.size_bytes(),
+            counters: core.metrics.volume(handle.name()),
+            core,
+            handle,
+            read_only,
+            rmw: (0..RMW_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.handle.name()
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.handle.is_deleted()
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), DeviceError> {
+        if self.handle.is_deleted() {
+            return Err(DeviceError::Gone(format!(
+                "volume {} was deleted",
+                self.name()
+            )));
+        }
+        if write && self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        check_range(offset, len, self.size_bytes)
+    }
+
+    fn check_len(len: u64) -> Result<(), DeviceError> {
+        if len > MAX_IO_BYTES {
+            return Err(DeviceError::Invalid(format!(
+                "request of {len} bytes exceeds the {MAX_IO_BYTES}-byte limit"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks `[lba0, lba0 + n)`; the returned buffer's window is all of them.
+    async fn read_blocks(&self, lba0: u64, n: usize) -> Result<AlignedBuf, DeviceError> {
+        let _read = self.core.reclaim.gate.enter();
+        let maps = self.handle.lookup(lba0, n).map_err(to_device_error)?;
+        let mut reqs: Vec<ReadReq> = Vec::new();
+        let mut expected = vec![0u32; n];
+        for (i, m) in maps.iter().enumerate() {
+            let Mapping::Data { phys, crc } = *m else {
+                continue;
+            };
+            expected[i] = crc;
+            if let Some(last) = reqs.last_mut()
+                && last.addr.segment == phys.group
+                && last.addr.block + last.blocks == phys.index
+                && last.out_block + last.blocks as usize == i
+            {
+                last.blocks += 1;
+                continue;
+            }
+            reqs.push(ReadReq {
+                addr: chunkstore::BlockAddr {
+                    segment: phys.group,
+                    block: phys.index,
+                },
+                blocks: 1,
+                out_block: i,
+            });
+        }
+        let out = AlignedBuf::zeroed(n * BLOCK_SIZE);
+        if reqs.is_empty() {
+            return Ok(out);
+        }
+        let (out, r) = self.core.local.read_verified(&reqs, &expected, out).await;
+        r.map_err(|e| {
+            tracing::error!(volume = self.name(), "read failed: {e}");
+            to_device_error(e)
+        })?;
+        Ok(out)
+    }
+
+    /// Stores whole blocks at `lba0`: all-zero blocks are recorded as unmapped (they cost
+    /// nothing and read back as zeros), the rest are appended; one commit for all.
+    async fn write_blocks(&self, lba0: u64, buf: AlignedBuf) -> Result<(), DeviceError> {
+        let n = buf.len() / BLOCK_SIZE;
+        let zero: Vec<bool> = buf.as_slice().chunks(BLOCK_SIZE).map(is_zero).collect();
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, z) in zero.iter().enumerate() {
+            if *z {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => ranges.push(i..i + 1),
+            }
+        }
+        let appended = if ranges.is_empty() {
+            None
+        } else {
+            Some(
+                self.core
+                    .local
+                    .append_ranges(Arc::new(buf), &ranges)
+                    .await
+                    .map_err(to_device_error)?,
+            )
+        };
+        let mut data = appended
+            .iter()
+            .flat_map(|a| a.addrs().zip(a.crcs.iter().copied()));
+        let updates: Vec<BlockUpdate> = (0..n)
+            .map(|i| {
+                if zero[i] {
+                    return BlockUpdate::Zero;
+                }
+                match data.next() {
+                    Some((a, crc)) => BlockUpdate::Data(
+                        PhysBlock {
+                            group: a.segment,
+                            index: a.block,
+                        },
+                        crc,
+                    ),
+                    None => BlockUpdate::Zero, // unreachable: one address per non-zero block
+                }
+            })
+            .collect();
+        drop(data);
+        let commit = self
+            .handle
+            .commit_blocks(lba0, &updates)
+            .map_err(to_device_error)?;
+        self.core.reclaim.released(commit.released);
+        drop(appended);
+        Ok(())
+    }
+
+    /// Locks the stripes of the given blocks (ascending, deduplicated).
+    async fn lock_blocks(&self, lbas: &[u64]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = lbas.iter().map(|l| (*l as usize) % RMW_STRIPES).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            guards.push(self.rmw[s].lock().await);
+        }
+        guards
+    }
+
+    /// Writes `data` (any 512-byte-aligned range) by read-modify-write of the edge blocks.
+    async fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let end = offset + data.len() as u64;
+        let lba0 = offset / BS;
+        let lba_end = end.div_ceil(BS);
+        let n = (lba_end - lba0) as usize;
+        let mut edges = Vec::new();
+        if !offset.is_multiple_of(BS) {
+            edges.push(lba0);
+        }
+        if !end.is_multiple_of(BS) && !edges.contains(&(lba_end - 1)) {
+            edges.push(lba_end - 1);
+        }
+        let _locks = self.lock_blocks(&edges).await;
+        let mut merged = AlignedBuf::zeroed(n * BLOCK_SIZE);
+        for &e in &edges {
+            let old = self.read_blocks(e, 1).await?;
+            let at = ((e - lba0) * BS) as usize;
+            merged.as_mut_slice()[at..at + BLOCK_SIZE].copy_from_slice(old.as_slice());
+        }
+        let at = (offset - lba0 * BS) as usize;
+        merged.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
+        self.write_blocks(lba0, merged).await
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let end = offset + len;
+        let first_full = offset.div_ceil(BS);
+        let last_full = end / BS;
+        if first_full < last_full {
+            let mut lba = first_full;
+            while lba < last_full {
+                let n = ZERO_BATCH_BLOCKS.min(last_full - lba);
+                let commit = self
+                    .handle
+                    .commit_zero(lba, n as usize)
+                    .map_err(to_device_error)?;
+                self.core.reclaim.released(commit.released);
+                lba += n;
+            }
+            if offset < first_full * BS {
+                let z = vec![0u8; (first_full * BS - offset) as usize];
+                self.write_unaligned(offset, &z).await?;
+            }
+            if last_full * BS < end {
+                let z = vec![0u8; (end - last_full * BS) as usize];
+                self.write_unaligned(last_full * BS, &z).await?;
+            }
+        } else if len > 0 {
+            // Entirely inside one or two partial blocks.
+            let z = vec![0u8; len as usize];
+            self.write_unaligned(offset, &z).await?;
+        }
+        Ok(())
+    }
+
+    fn observe<T>(&self, op: Op, bytes: u64, start: Instant, r: &Result<T, DeviceError>) {
+        self.core
+            .metrics
+            .observe_io(&self.counters, op, bytes, start.elapsed(), r.as_ref().err());
+    }
+}
+
+impl BlockDevice for Volume {
+    type Buf = AlignedBuf;
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn id(&self) -> String {
+        self.name().to_string()
+    }
+
+    fn alloc_buf(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len)
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, DeviceError> {
+        let start = Instant::now();
+        let r = async {
+            self.check(offset, len as u64, false)?;
+            Self::check_len(len as u64)?;
+            let lba0 = offset / BS;
+            let n = (offset + len as u64).div_ceil(BS) - lba0;
+            let mut out = self.read_blocks(lba0, n as usize).await?;
+            out.set_window((offset - lba0 * BS) as usize, len);
+            Ok(out)
+        }
+        .await;
+        self.observe(Op::Read, len as u64, start, &r);
+        r
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let len = data.len() as u64;
+        let r = async {
+            self.check(offset, len, true)?;
+            Self::check_len(len)?;
+            if len == 0 {
+            } else if offset.is_multiple_of(BS)
+                && len.is_multiple_of(BS)
+                && data.window_start().is_multiple_of(BLOCK_SIZE)
+            {
+                self.write_blocks(offset / BS, data).await?;
+            } else {
+                self.write_unaligned(offset, data.as_slice()).await?;
+            }
+            if fua {
+                self.core.flush().await.map_err(to_device_error)?;
+            }
+            Ok(())
+        }
+        .await;
+        self.observe(Op::Write, len, start, &r);
+        r
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = self.core.flush().await.map_err(to_device_error);
+        self.observe(Op::Flush, 0, start, &r);
+        r
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = async {
+            self.check(offset, len, true)?;
+            self.zero_range(offset, len).await
+        }
+        .await;
+        self.observe(Op::Discard, len, start, &r);
+        r
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let r = async {
+            self.check(offset, len, true)?;
+            self.zero_range(offset, len).await?;
+            if fua {
+                self.core.flush().await.map_err(to_device_error)?;
+            }
+            Ok(())
+        }
+        .await;
+        self.observe(Op::WriteZeroes, len, start, &r);
+        r
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        self.check(offset, len, false)?;
+        // Answer at most 64 MiB at a time; clients ask again for the rest.
+        let len = len.min(64 << 20);
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let lba0 = offset / BS;
+        let lba_end = (offset + len).div_ceil(BS);
+        let maps = self
+            .handle
+            .lookup(lba0, (lba_end - lba0) as usize)
+            .map_err(to_device_error)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        for (i, m) in maps.iter().enumerate() {
+            let block_end = ((lba0 + i as u64 + 1) * BS).min(offset + len);
+            let hole = matches!(m, Mapping::Zero);
+            let n = block_end - pos;
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len_bytes += n,
+                _ => out.push(Extent { len_bytes: n, hole }),
+            }
+            pos = block_end;
+        }
+        Ok(out)
+    }
+}
+
+/// Is this block all zeros? (Word-at-a-time; blocks are 4 KiB-aligned.)
+fn is_zero(block: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: reinterpreting initialised bytes as u64 words is valid for any bit pattern;
+        // align_to handles any misalignment through head/tail.
+        unsafe { block.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
