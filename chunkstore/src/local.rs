@@ -147,7 +147,9 @@ impl LocalStore {
     /// Opens (creating if needed) the segment directory. Existing segments are sealed;
     /// appends go to a new one.
     pub fn open(dir: &Path, cfg: LocalConfig) -> Result<LocalStore> {
-        if cfg.segment_bytes < BLOCK_SIZE as u64 || cfg.segment_bytes % BLOCK_SIZE as u64 != 0 {
+        if cfg.segment_bytes < BLOCK_SIZE as u64
+            || !cfg.segment_bytes.is_multiple_of(BLOCK_SIZE as u64)
+        {
             return Err(Error::Invalid(format!(
                 "segment size {} must be a positive multiple of {BLOCK_SIZE}",
                 cfg.segment_bytes
@@ -272,7 +274,8 @@ impl LocalStore {
     /// Appends the 4 KiB blocks in `buf`'s window (its start and length multiples of 4 KiB).
     pub async fn append(&self, buf: Arc<AlignedBuf>) -> Result<Appended> {
         let n = buf.len() / BLOCK_SIZE;
-        self.append_ranges(buf, &[0..n]).await
+        let all = std::iter::once(0..n).collect::<Vec<_>>();
+        self.append_ranges(buf, &all).await
     }
 
     /// Appends the given ranges of blocks of `buf`'s window (block indexes relative to the
@@ -284,7 +287,7 @@ impl LocalStore {
     ) -> Result<Appended> {
         let start = buf.window_start();
         let len = buf.len();
-        if start % ALIGN != 0 || len % BLOCK_SIZE != 0 {
+        if !start.is_multiple_of(ALIGN) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::Invalid(format!(
                 "append of {len} bytes at buffer offset {start}: must be whole 4 KiB blocks"
             )));

@@ -83,8 +83,7 @@ impl Inner {
         let mut it = self.db.raw_iterator_cf_opt(cf(&self.db, CF_MAP), ro);
         it.seek(map_key(t.id, Lba(lba0 + first as u64), lim));
         let mut resolved = 0;
-        loop {
-            let Some(key) = it.key() else { break };
+        while let Some(key) = it.key() {
             let (kt, lba, seq) = decode_map_key(key)?;
             if kt != t.id || lba.0 < lba0 || lba.0 >= lba0 + n as u64 {
                 break;

@@ -60,7 +60,7 @@ impl Snapshotter {
         if !valid_name(name) {
             return Err(Error::InvalidName(name.to_string()));
         }
-        if size_bytes == 0 || size_bytes % BLOCK_SIZE != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::InvalidSize(size_bytes));
         }
         let inner = &self.inner;

@@ -5,6 +5,8 @@
 //! - no block any volume head or checkpoint still shows is ever released, and
 //! - once every volume is deleted and GC ran, every block written was released exactly once.
 
+#![allow(clippy::unwrap_used)] // tests: a failed step is a failed test
+
 use proptest::prelude::*;
 use snapshotter::{BLOCK_SIZE, CheckpointId, Mapping, Options, PhysBlock, Released, Snapshotter};
 use std::collections::{BTreeMap, HashMap, HashSet};

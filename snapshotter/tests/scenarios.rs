@@ -1,5 +1,7 @@
 //! Scenario tests of the metadata engine (fake physical addresses).
 
+#![allow(clippy::unwrap_used)] // tests: a failed step is a failed test
+
 use snapshotter::{BLOCK_SIZE, CheckpointId, Error, Mapping, Options, PhysBlock, Snapshotter};
 use std::collections::HashSet;
 

@@ -126,7 +126,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 
 /// Checks a request's alignment and range against a device of `size_bytes`.
 pub fn check_range(offset: u64, len: u64, size_bytes: u64) -> Result<(), DeviceError> {
-    if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+    if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
         return Err(DeviceError::Invalid(format!(
             "offset {offset} / length {len} not aligned to {SECTOR_SIZE} bytes"
         )));
