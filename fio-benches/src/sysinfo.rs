@@ -1,0 +1,199 @@
+//! Facts about the machine and the tools, recorded with every report.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunInfo {
+    /// The exact command line of this run.
+    pub command: String,
+    /// UTC start time (RFC 3339).
+    pub date: String,
+    pub fio_version: String,
+    pub qemu_version: Option<String>,
+    pub nbdkit_version: Option<String>,
+    pub blockd_version: Option<String>,
+    pub blockd_binary: Option<String>,
+    /// `git describe --always --dirty` of the workspace, if available.
+    pub workspace_git: Option<String>,
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: Option<String>,
+    pub hostname: Option<String>,
+    /// /proc/loadavg (1, 5, 15 min) at the start of the run: other work on the machine
+    /// skews the numbers. (Not at the end: by then it is mostly the run itself.)
+    pub loadavg_start: Option<String>,
+    pub work_dir: String,
+    /// Filesystem of the work dir (from /proc/self/mounts), e.g. `ext4 /dev/vda`.
+    pub filesystem: Option<String>,
+    pub size_bytes: u64,
+    pub runtime_s: u32,
+    pub ramp_time_s: u32,
+    /// The aio mode qemu-storage-daemon ran with.
+    pub qsd_aio: Option<String>,
+    pub nbdkit_threads: u32,
+    pub nbdkit_cache: String,
+    pub baseline: String,
+}
+
+/// First non-empty line of `program args...` (stdout, else stderr).
+pub fn command_first_line(program: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} {}", program.display(), args.join(" ")))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(l) if out.status.success() => Ok(l.to_string()),
+        _ => bail!(
+            "`{} {}` failed ({}): {}",
+            program.display(),
+            args.join(" "),
+            out.status,
+            text.trim()
+        ),
+    }
+}
+
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The filesystem type and source of the mount holding `path`.
+pub fn filesystem(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3).then(|| (f[0], f[1], f[2]))
+        })
+        .filter(|(_, mnt, _)| path.starts_with(mnt))
+        .max_by_key(|(_, mnt, _)| mnt.len())
+        .map(|(src, _, fs)| format!("{fs} {src}"))
+}
+
+pub fn git_describe(dir: &Path) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["describe", "--always", "--dirty"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// This process's command line, shell-quoted.
+pub fn command_line() -> String {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_else(|| "fio-benches".into());
+    std::iter::once(argv0)
+        .chain(args)
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Quotes a word for a POSIX shell when needed.
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_795_436_043), "2026-11-23T12:14:03Z");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("--size=4G"), "--size=4G");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
