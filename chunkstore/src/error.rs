@@ -20,6 +20,12 @@ pub enum Error {
     NoSpace,
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("object store: {0}")]
+    Remote(String),
+    #[error("object not found: {0}")]
+    ObjectNotFound(String),
+    #[error("object already exists: {0}")]
+    ObjectExists(String),
     #[error("injected failure at {0}")]
     Injected(&'static str),
 }

@@ -9,11 +9,16 @@ mod buf;
 mod crc;
 mod error;
 mod local;
+pub mod remote;
 mod segment;
+pub mod tier;
 mod uring;
 
 pub use buf::{ALIGN, AlignedBuf};
 pub use crc::{BLOCK_SIZE, block_crc, block_crcs, zero_block_crc};
 pub use error::{Error, Result};
-pub use local::{Appended, BlockAddr, LocalConfig, LocalStats, LocalStore, ReadReq};
+pub use local::{
+    Appended, BlockAddr, CHUNK_BLOCKS, ChunkId, LocalConfig, LocalStats, LocalStore,
+    MAX_SEGMENT_BYTES, ReadReq,
+};
 pub use uring::Uring;

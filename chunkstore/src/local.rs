@@ -17,11 +17,81 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Blocks per chunk: the unit of reference counting and of the object-store tier (1 MiB).
+pub const CHUNK_BLOCKS: u32 = 256;
+/// Segments hold at most 256 chunks (256 MiB), so a chunk id fits `segment << 8 | chunk`.
+pub const MAX_SEGMENT_BYTES: u64 = 256 * CHUNK_BLOCKS as u64 * BLOCK_SIZE as u64;
+/// Segment ids are `instance << 24 | counter`: the instance is random per data directory,
+/// so segments created on different hosts never collide (a volume imported from the object
+/// store keeps its segment ids).
+const SEGMENT_COUNTER_BITS: u32 = 24;
+const SEGMENT_COUNTER_MASK: u64 = (1 << SEGMENT_COUNTER_BITS) - 1;
+
+/// A 1 MiB chunk of a segment: `segment << 8 | chunk number`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId(pub u64);
+
+impl ChunkId {
+    pub fn segment(self) -> u64 {
+        self.0 >> 8
+    }
+
+    pub fn number(self) -> u32 {
+        (self.0 & 0xff) as u32
+    }
+
+    /// Address of block `index` (0..256) of this chunk.
+    pub fn block(self, index: u32) -> BlockAddr {
+        BlockAddr {
+            segment: self.segment(),
+            block: self.number() * CHUNK_BLOCKS + index,
+        }
+    }
+}
+
+/// Reads or creates the random instance id of a data directory.
+fn instance_id(dir: &Path) -> Result<u32> {
+    let path = dir.join("INSTANCE");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| Error::Invalid(format!("{} is corrupt: {s:?}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Derive from time and pid mixed through crc32c: unique enough per host, and
+            // only needs to differ between the data directories sharing a bucket.
+            let seed = format!(
+                "{:?}{}{}",
+                std::time::SystemTime::now(),
+                std::process::id(),
+                dir.display()
+            );
+            let id = crc32c::crc32c(seed.as_bytes()).max(1) & 0x7fff_ffff;
+            let tmp = dir.join("INSTANCE.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| Error::io(path.display().to_string(), e))?;
+            Ok(id)
+        }
+        Err(e) => Err(Error::io(path.display().to_string(), e)),
+    }
+}
+
 /// Where a block lives in the local tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockAddr {
     pub segment: u64,
     pub block: u32,
+}
+
+impl BlockAddr {
+    /// The chunk holding this block and the block's index in it.
+    pub fn chunk(self) -> (ChunkId, u32) {
+        (
+            ChunkId(self.segment << 8 | (self.block / CHUNK_BLOCKS) as u64),
+            self.block % CHUNK_BLOCKS,
+        )
+    }
 }
 
 impl fmt::Display for BlockAddr {
@@ -63,12 +133,50 @@ pub struct LocalStats {
     pub syncs: AtomicU64,
 }
 
-struct AppendState {
+/// The active segment of one append stream.
+#[derive(Default)]
+struct StreamState {
     active: Option<Arc<Segment>>,
     next_block: u32,
     /// The active segment is preallocated up to this block.
     prealloc_block: u32,
+}
+
+struct AppendState {
+    streams: HashMap<u64, StreamState>,
     next_id: u64,
+}
+
+/// Punch granularity: 16 blocks (64 KiB).
+const GRANULE_BLOCKS: u32 = 16;
+
+/// Released blocks of one segment (a bitmap).
+struct DeadMap {
+    bits: Vec<u64>,
+}
+
+impl DeadMap {
+    fn new(blocks: u32) -> DeadMap {
+        DeadMap {
+            bits: vec![0; (blocks as usize).div_ceil(64)],
+        }
+    }
+
+    /// Marks a block; returns whether it was newly marked.
+    fn set(&mut self, block: u32) -> bool {
+        let (w, b) = ((block / 64) as usize, block % 64);
+        let was = self.bits[w] & (1 << b) != 0;
+        self.bits[w] |= 1 << b;
+        !was
+    }
+
+    fn granule_full(&self, g: u32) -> bool {
+        // GRANULE_BLOCKS divides 64: a granule is a 16-bit field of one word.
+        let first = g * GRANULE_BLOCKS;
+        let w = self.bits[(first / 64) as usize];
+        let mask = ((1u64 << GRANULE_BLOCKS) - 1) << (first % 64);
+        w & mask == mask
+    }
 }
 
 /// Preallocation step: appends stay inside preallocated space without reserving a whole
@@ -86,6 +194,12 @@ pub struct LocalStore {
     sync_lock: tokio::sync::Mutex<()>,
     /// Sealed segments with no append in flight, not yet checked for emptiness by the owner.
     idle: Arc<Mutex<Vec<u64>>>,
+    /// Released blocks per segment, not all punched yet.
+    dead: Mutex<HashMap<u64, DeadMap>>,
+    /// The object-store tier, when one is configured.
+    tier: std::sync::OnceLock<Arc<crate::tier::Tier>>,
+    /// Bytes appended to segments not uploaded yet (meaningful with a tier).
+    dirty_bytes: AtomicU64,
     pub stats: LocalStats,
 }
 
@@ -155,21 +269,27 @@ impl LocalStore {
                 cfg.segment_bytes
             )));
         }
-        if cfg.segment_bytes / BLOCK_SIZE as u64 > u32::MAX as u64 {
-            return Err(Error::Invalid("segment size too large".into()));
+        if cfg.segment_bytes > MAX_SEGMENT_BYTES {
+            return Err(Error::Invalid(format!(
+                "segment size {} exceeds the maximum of {MAX_SEGMENT_BYTES} bytes",
+                cfg.segment_bytes
+            )));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let instance = instance_id(dir)?;
         let mut segments = HashMap::new();
-        let mut max_id = 0;
+        let mut max_counter = 0;
         let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         for ent in rd {
             let ent = ent.map_err(|e| Error::io(dir.display().to_string(), e))?;
             let name = ent.file_name();
-            let Some(id) = name.to_str().and_then(segment::parse_file_name) else {
+            let Some((id, stream)) = name.to_str().and_then(segment::parse_file_name) else {
                 continue;
             };
-            let seg = Segment::open_existing(ent.path(), id, cfg.direct_io)?;
-            max_id = max_id.max(id);
+            let seg = Segment::open_existing(ent.path(), id, stream, cfg.direct_io)?;
+            if id >> SEGMENT_COUNTER_BITS == instance as u64 {
+                max_counter = max_counter.max(id & SEGMENT_COUNTER_MASK);
+            }
             segments.insert(id, Arc::new(seg));
         }
         let ring = Uring::new(cfg.ring_entries).map_err(|e| Error::io("io_uring setup", e))?;
@@ -180,15 +300,16 @@ impl LocalStore {
             direct: std::sync::atomic::AtomicBool::new(cfg.direct_io),
             cfg,
             append: Mutex::new(AppendState {
-                active: None,
-                next_block: 0,
-                prealloc_block: 0,
-                next_id: max_id + 1,
+                streams: HashMap::new(),
+                next_id: ((instance as u64) << SEGMENT_COUNTER_BITS) | (max_counter + 1),
             }),
             segments: RwLock::new(segments),
             dirty: Mutex::new(HashSet::new()),
             sync_lock: tokio::sync::Mutex::new(()),
             idle: Arc::new(Mutex::new(idle)),
+            dead: Mutex::new(HashMap::new()),
+            tier: std::sync::OnceLock::new(),
+            dirty_bytes: AtomicU64::new(0),
             stats: LocalStats::default(),
         })
     }
@@ -197,12 +318,138 @@ impl LocalStore {
         &self.dir
     }
 
+    pub fn ring(&self) -> &Uring {
+        &self.ring
+    }
+
+    pub fn segments(&self) -> Vec<Arc<Segment>> {
+        self.segments.read().values().cloned().collect()
+    }
+
+    pub fn segment(&self, id: u64) -> Option<Arc<Segment>> {
+        self.segments.read().get(&id).cloned()
+    }
+
+    pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
+        self.tier.get()
+    }
+
+    /// Attaches the object-store tier: segments it has uploaded become remote-backed
+    /// (their files cache frames), the others count as dirty.
+    pub fn attach_tier(&self, tier: Arc<crate::tier::Tier>) -> Result<()> {
+        let mut dirty = 0;
+        for seg in self.segments() {
+            match tier.meta().seg(seg.id)? {
+                Some(_) => *seg.resident.lock() = Some(seg.scan_residency()),
+                None => dirty += seg.used_blocks.load(Ordering::Acquire) as u64 * BLOCK_SIZE as u64,
+            }
+        }
+        self.dirty_bytes.store(dirty, Ordering::Release);
+        self.tier
+            .set(tier)
+            .map_err(|_| Error::Invalid("a tier is already attached".into()))
+    }
+
+    /// Bytes not uploaded yet.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn uploaded(&self, bytes: u64) {
+        let _ = self
+            .dirty_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                Some(d.saturating_sub(bytes))
+            });
+    }
+
+    /// Sealed segments with no append in flight that are not uploaded yet, oldest first.
+    pub fn upload_candidates(&self) -> Result<Vec<Arc<Segment>>> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<Arc<Segment>> = self
+            .segments()
+            .into_iter()
+            .filter(|s| s.sealed.load(Ordering::Acquire) && s.pending.load(Ordering::Acquire) == 0)
+            .collect();
+        out.retain(|s| !matches!(tier.uploaded(s.id), Ok(true)));
+        out.sort_by_key(|s| s.id);
+        Ok(out)
+    }
+
+    /// Segments of a stream not uploaded yet (sealed or not).
+    pub fn stream_dirty(&self, stream: u64) -> Result<Vec<Arc<Segment>>> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for s in self.segments() {
+            if s.stream == stream && !tier.uploaded(s.id)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops cached frames `[first, first + n)` of a segment whose data is in the object
+    /// store (the caller checked they are clean).
+    pub fn evict_frames(&self, seg: &Segment, first: u32, n: u32) {
+        let fb = crate::segment::FRAME_BLOCKS as u64 * BLOCK_SIZE as u64;
+        let mut r = seg.resident.lock();
+        if let Some(bits) = r.as_mut() {
+            punch_sync(seg, first as u64 * fb, n as u64 * fb);
+            for f in first..first + n {
+                if let Some(w) = bits.get_mut((f / 64) as usize) {
+                    *w &= !(1 << (f % 64));
+                }
+            }
+        }
+    }
+
+    /// The local stand-in for a segment only the object store has (created on demand).
+    fn remote_segment(&self, id: u64) -> Result<Arc<Segment>> {
+        if let Some(s) = self.segment(id) {
+            return Ok(s);
+        }
+        let tier = self.tier.get().ok_or(Error::SegmentMissing(id))?;
+        let rec = tier.meta().seg(id)?.ok_or(Error::SegmentMissing(id))?;
+        let mut map = self.segments.write();
+        if let Some(s) = map.get(&id) {
+            return Ok(s.clone());
+        }
+        let seg = Arc::new(Segment::create_remote(
+            &self.dir,
+            id,
+            rec.stream,
+            rec.blocks,
+            self.direct.load(Ordering::Relaxed),
+        )?);
+        map.insert(id, seg.clone());
+        Ok(seg)
+    }
+
+    /// Waits while too much data is waiting for upload (writes slow down instead of
+    /// filling the disk).
+    async fn wait_dirty_budget(&self) {
+        let Some(tier) = self.tier.get() else { return };
+        let limit = tier.config().dirty_limit;
+        loop {
+            let notified = tier.drained.notified();
+            if self.dirty_bytes() < limit {
+                return;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
+        }
+    }
+
     fn segment_blocks(&self) -> u32 {
         (self.cfg.segment_bytes / BLOCK_SIZE as u64) as u32
     }
 
-    /// Seals the active segment: no more appends; the unused preallocated tail is released.
-    fn seal_locked(&self, st: &mut AppendState) {
+    /// Seals a stream's active segment: no more appends; the unused preallocated tail is
+    /// released.
+    fn seal_locked(&self, st: &mut StreamState) {
         if let Some(seg) = st.active.take() {
             if st.prealloc_block > st.next_block {
                 let used = st.next_block as u64 * BLOCK_SIZE as u64;
@@ -218,24 +465,42 @@ impl LocalStore {
         st.prealloc_block = 0;
     }
 
-    /// Seals the active segment now (e.g. before uploading it).
+    /// Seals every stream's active segment now.
     pub fn seal_active(&self) {
-        let mut st = self.append.lock();
-        self.seal_locked(&mut st);
+        let mut ap = self.append.lock();
+        for st in ap.streams.values_mut() {
+            self.seal_locked(st);
+        }
+        ap.streams.clear();
     }
 
-    fn reserve(&self, nblocks: u32) -> Result<Vec<(Arc<Segment>, u32, u32)>> {
+    /// Seals one stream's active segment (e.g. before a sync uploads it).
+    pub fn seal_stream(&self, stream: u64) {
+        let mut ap = self.append.lock();
+        if let Some(mut st) = ap.streams.remove(&stream) {
+            self.seal_locked(&mut st);
+        }
+    }
+
+    fn reserve(&self, stream: u64, nblocks: u32) -> Result<Vec<(Arc<Segment>, u32, u32)>> {
         let seg_blocks = self.segment_blocks();
-        let mut st = self.append.lock();
+        let mut ap = self.append.lock();
+        let AppendState { streams, next_id } = &mut *ap;
+        let st = streams.entry(stream).or_default();
         let mut runs = Vec::new();
         let mut remaining = nblocks;
         while remaining > 0 {
             if st.active.is_none() || st.next_block >= seg_blocks {
-                self.seal_locked(&mut st);
-                let id = st.next_id;
-                st.next_id += 1;
+                self.seal_locked(st);
+                let id = *next_id;
+                if id & SEGMENT_COUNTER_MASK == SEGMENT_COUNTER_MASK {
+                    return Err(Error::Invalid(
+                        "segment ids of this data directory are exhausted".into(),
+                    ));
+                }
+                *next_id += 1;
                 let (seg, direct) =
-                    Segment::create(&self.dir, id, self.direct.load(Ordering::Relaxed))?;
+                    Segment::create(&self.dir, id, stream, self.direct.load(Ordering::Relaxed))?;
                 if !direct && self.direct.swap(false, Ordering::Relaxed) {
                     tracing::warn!(dir = %self.dir.display(), "O_DIRECT not supported here; using buffered I/O");
                 }
@@ -264,97 +529,147 @@ impl LocalStore {
                 }
             }
             seg.pending.fetch_add(1, Ordering::AcqRel);
-            runs.push((seg, st.next_block, take));
+            runs.push((seg.clone(), st.next_block, take));
             st.next_block += take;
+            seg.used_blocks.store(st.next_block, Ordering::Release);
             remaining -= take;
         }
         Ok(runs)
     }
 
     /// Appends the 4 KiB blocks in `buf`'s window (its start and length multiples of 4 KiB).
-    pub async fn append(&self, buf: Arc<AlignedBuf>) -> Result<Appended> {
+    pub async fn append(&self, stream: u64, buf: Arc<AlignedBuf>) -> Result<Appended> {
         let n = buf.len() / BLOCK_SIZE;
         let all = std::iter::once(0..n).collect::<Vec<_>>();
-        self.append_ranges(buf, &all).await
+        self.append_ranges(stream, buf, &all).await
     }
 
     /// Appends the given ranges of blocks of `buf`'s window (block indexes relative to the
     /// window start), in order, as one append.
     pub async fn append_ranges(
         &self,
+        stream: u64,
         buf: Arc<AlignedBuf>,
         ranges: &[std::ops::Range<usize>],
     ) -> Result<Appended> {
-        let start = buf.window_start();
-        let len = buf.len();
-        if !start.is_multiple_of(ALIGN) || !len.is_multiple_of(BLOCK_SIZE) {
-            return Err(Error::Invalid(format!(
-                "append of {len} bytes at buffer offset {start}: must be whole 4 KiB blocks"
-            )));
+        let mut v = self
+            .append_many(stream, vec![(buf, ranges.to_vec())])
+            .await?;
+        v.pop()
+            .ok_or_else(|| Error::Invalid("append produced no result".into()))
+    }
+
+    /// Appends several requests' blocks at once: one reservation and one vectored write
+    /// per segment run for all of them (concurrent small writes cost one filesystem write
+    /// instead of one each). Results are in the order of `items`.
+    pub async fn append_many(
+        &self,
+        stream: u64,
+        items: Vec<(Arc<AlignedBuf>, Vec<std::ops::Range<usize>>)>,
+    ) -> Result<Vec<Appended>> {
+        // Validate and checksum every item first.
+        let mut crcs_all: Vec<Vec<u32>> = Vec::with_capacity(items.len());
+        let mut total = 0usize;
+        for (buf, ranges) in &items {
+            let start = buf.window_start();
+            let len = buf.len();
+            if start % ALIGN != 0 || len % BLOCK_SIZE != 0 {
+                return Err(Error::Invalid(format!(
+                    "append of {len} bytes at buffer offset {start}: must be whole 4 KiB blocks"
+                )));
+            }
+            let window_blocks = len / BLOCK_SIZE;
+            if ranges.is_empty()
+                || ranges
+                    .iter()
+                    .any(|r| r.start >= r.end || r.end > window_blocks)
+            {
+                return Err(Error::Invalid(format!(
+                    "append ranges {ranges:?} outside a {window_blocks}-block buffer"
+                )));
+            }
+            let mut crcs = Vec::new();
+            for r in ranges {
+                let bytes = &buf.as_slice()[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE];
+                crcs.extend(bytes.chunks(BLOCK_SIZE).map(block_crc));
+            }
+            total += crcs.len();
+            crcs_all.push(crcs);
         }
-        let window_blocks = len / BLOCK_SIZE;
-        if ranges
-            .iter()
-            .any(|r| r.start >= r.end || r.end > window_blocks)
-        {
-            return Err(Error::Invalid(format!(
-                "append ranges {ranges:?} outside a {window_blocks}-block buffer"
-            )));
-        }
-        let total: usize = ranges.iter().map(|r| r.len()).sum();
         if total == 0 {
             return Err(Error::Invalid("empty append".into()));
         }
-        let mut crcs = Vec::with_capacity(total);
-        for r in ranges {
-            let bytes = &buf.as_slice()[r.start * BLOCK_SIZE..r.end * BLOCK_SIZE];
-            crcs.extend(bytes.chunks(BLOCK_SIZE).map(block_crc));
+        self.wait_dirty_budget().await;
+        let runs = self.reserve(stream, total as u32)?;
+        self.dirty_bytes
+            .fetch_add((total * BLOCK_SIZE) as u64, Ordering::AcqRel);
+        // Lay the items' blocks out over the reserved runs, in order.
+        let bufs: Vec<Arc<AlignedBuf>> = items.iter().map(|(b, _)| b.clone()).collect();
+        // Pieces of each run: (buffer index, byte offset in the allocation, length).
+        let mut run_pieces: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); runs.len()];
+        let mut item_runs: Vec<Vec<(BlockAddr, u32)>> = vec![Vec::new(); items.len()];
+        let mut item_segments: Vec<Vec<Arc<Segment>>> = vec![Vec::new(); items.len()];
+        let (mut run_idx, mut run_used) = (0usize, 0u32);
+        for (idx, (buf, ranges)) in items.iter().enumerate() {
+            for r in ranges {
+                let mut src = r.clone();
+                while !src.is_empty() {
+                    let (seg, first, n) = &runs[run_idx];
+                    let take = (src.len() as u32).min(n - run_used);
+                    let addr = BlockAddr {
+                        segment: seg.id,
+                        block: first + run_used,
+                    };
+                    let byte_off = buf.window_start() + src.start * BLOCK_SIZE;
+                    let bytes = take as usize * BLOCK_SIZE;
+                    match run_pieces[run_idx].last_mut() {
+                        Some(p) if p.0 == idx && p.1 + p.2 == byte_off => p.2 += bytes,
+                        _ => run_pieces[run_idx].push((idx, byte_off, bytes)),
+                    }
+                    match item_runs[idx].last_mut() {
+                        Some((a, m)) if a.segment == addr.segment && a.block + *m == addr.block => {
+                            *m += take
+                        }
+                        _ => item_runs[idx].push((addr, take)),
+                    }
+                    if !item_segments[idx].iter().any(|s| s.id == seg.id) {
+                        seg.pending.fetch_add(1, Ordering::AcqRel);
+                        item_segments[idx].push(seg.clone());
+                    }
+                    src.start += take as usize;
+                    run_used += take;
+                    if run_used == *n {
+                        run_idx += 1;
+                        run_used = 0;
+                    }
+                }
+            }
         }
-        let runs = self.reserve(total as u32)?;
-        let guard = PendingGuard {
+        // Each item now holds its own pending references; drop the reservation's.
+        let _reservation = PendingGuard {
             store_idle: self.idle.clone(),
             segments: runs.iter().map(|(s, _, _)| s.clone()).collect(),
         };
-        // Pair each reserved run with the source blocks it receives: both sequences are
-        // walked in order, splitting where either ends.
-        let mut sources = ranges.iter().cloned();
-        let mut src = sources.next().unwrap_or(0..0);
-        let mut out = Vec::with_capacity(runs.len());
+        let guards: Vec<PendingGuard> = item_segments
+            .into_iter()
+            .map(|segments| PendingGuard {
+                store_idle: self.idle.clone(),
+                segments,
+            })
+            .collect();
         let mut first_err = None;
-        for (seg, block, n) in &runs {
-            let mut dst = *block;
-            let mut left = *n as usize;
-            while left > 0 {
-                if src.is_empty() {
-                    src = sources.next().unwrap_or(0..0);
-                }
-                let take = left.min(src.len());
-                let r = self
-                    .ring
-                    .write_at(
-                        &seg.file,
-                        dst as u64 * BLOCK_SIZE as u64,
-                        &buf,
-                        start + src.start * BLOCK_SIZE,
-                        take * BLOCK_SIZE,
-                    )
-                    .await;
+        for ((seg, first, _), pieces) in runs.iter().zip(&run_pieces) {
+            let mut pos = *first as u64 * BLOCK_SIZE as u64;
+            for chunk in pieces.chunks(1024) {
+                let r = self.ring.writev_at(&seg.file, pos, &bufs, chunk).await;
                 if let Err(e) = r {
                     first_err.get_or_insert(Error::io(seg.path.display().to_string(), e));
                 }
-                src.start += take;
-                dst += take as u32;
-                left -= take;
+                pos += chunk.iter().map(|p| p.2 as u64).sum::<u64>();
             }
             self.dirty.lock().insert(seg.id);
-            out.push((
-                BlockAddr {
-                    segment: seg.id,
-                    block: *block,
-                },
-                *n,
-            ));
         }
+        drop(_reservation);
         if let Some(e) = first_err {
             return Err(e);
         }
@@ -364,16 +679,40 @@ impl LocalStore {
         self.stats
             .appended_bytes
             .fetch_add((total * BLOCK_SIZE) as u64, Ordering::Relaxed);
-        Ok(Appended {
-            runs: out,
-            crcs,
-            _guard: guard,
-        })
+        Ok(item_runs
+            .into_iter()
+            .zip(crcs_all)
+            .zip(guards)
+            .map(|((runs, crcs), guard)| Appended {
+                runs,
+                crcs,
+                _guard: guard,
+            })
+            .collect())
     }
 
     /// Reads blocks into `out` (block `i` of `out` at byte `i * 4096` of its allocation)
     /// and verifies each block read against `expected[out_block]`.
     pub async fn read_verified(
+        &self,
+        reqs: &[ReadReq],
+        expected: &[u32],
+        out: AlignedBuf,
+    ) -> (AlignedBuf, Result<()>) {
+        let (out, res) = self.read_verified_once(reqs, expected, out).await;
+        // A block fetched from the object store that fails its checksum may have been
+        // damaged in transit: drop the cached frames and fetch once more.
+        if let Err(Error::Checksum { addr, .. }) = &res
+            && let Some(tier) = self.tier.get()
+            && let Some(seg) = self.segment(addr.segment)
+            && tier.invalidate(&seg, addr.block, 1)
+        {
+            return self.read_verified_once(reqs, expected, out).await;
+        }
+        (out, res)
+    }
+
+    async fn read_verified_once(
         &self,
         reqs: &[ReadReq],
         expected: &[u32],
@@ -401,12 +740,10 @@ impl LocalStore {
     async fn read_into(&self, reqs: &[ReadReq], out: &Arc<AlignedBuf>) -> Result<()> {
         let mut futs = Vec::with_capacity(reqs.len());
         for r in reqs {
-            let seg = self
-                .segments
-                .read()
-                .get(&r.addr.segment)
-                .cloned()
-                .ok_or(Error::SegmentMissing(r.addr.segment))?;
+            let seg = match self.segment(r.addr.segment) {
+                Some(s) => s,
+                None => self.remote_segment(r.addr.segment)?,
+            };
             let bytes = r.blocks as usize * BLOCK_SIZE;
             if (r.out_block * BLOCK_SIZE)
                 .checked_add(bytes)
@@ -419,17 +756,21 @@ impl LocalStore {
                     out.capacity()
                 )));
             }
-            let ring = &self.ring;
             futs.push(async move {
-                ring.read_at(
-                    &seg.file,
-                    r.addr.block as u64 * BLOCK_SIZE as u64,
-                    out,
-                    r.out_block * BLOCK_SIZE,
-                    bytes,
-                )
-                .await
-                .map_err(|e| Error::io(seg.path.display().to_string(), e))
+                if let Some(tier) = self.tier.get() {
+                    tier.ensure_resident(self, &seg, r.addr.block, r.blocks)
+                        .await?;
+                }
+                self.ring
+                    .read_at(
+                        &seg.file,
+                        r.addr.block as u64 * BLOCK_SIZE as u64,
+                        out,
+                        r.out_block * BLOCK_SIZE,
+                        bytes,
+                    )
+                    .await
+                    .map_err(|e| Error::io(seg.path.display().to_string(), e))
             });
         }
         for r in futures::future::join_all(futs).await {
@@ -495,42 +836,81 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Releases the disk space of blocks nothing references any more.
-    pub async fn punch(&self, mut addrs: Vec<BlockAddr>) -> Result<()> {
-        addrs.sort_unstable();
-        addrs.dedup();
-        let mut i = 0;
-        while i < addrs.len() {
-            let start = addrs[i];
-            let mut n = 1u32;
-            while i + (n as usize) < addrs.len() {
-                let next = addrs[i + n as usize];
-                if next.segment == start.segment && next.block == start.block + n {
-                    n += 1;
-                } else {
-                    break;
+    /// Takes note that nothing references these blocks any more and releases their disk
+    /// space: whole 64 KiB granules are punched out as soon as all their blocks are
+    /// released (punching single 4 KiB blocks costs a filesystem transaction each, which
+    /// random overwrites would turn into a steady background load). Blocks of partly
+    /// released granules keep their space until their segment is deleted. The record of
+    /// released blocks is in memory: after a restart, those not yet punched wait for their
+    /// segment's deletion.
+    pub async fn release(&self, addrs: Vec<BlockAddr>) -> Result<()> {
+        let seg_blocks = self.segment_blocks();
+        let mut granules: Vec<(u64, u32)> = Vec::new();
+        {
+            let mut dead = self.dead.lock();
+            for a in addrs {
+                if a.block >= seg_blocks {
+                    continue;
+                }
+                let m = dead
+                    .entry(a.segment)
+                    .or_insert_with(|| DeadMap::new(seg_blocks));
+                if m.set(a.block) {
+                    let g = a.block / GRANULE_BLOCKS;
+                    if m.granule_full(g) {
+                        granules.push((a.segment, g));
+                    }
                 }
             }
+        }
+        granules.sort_unstable();
+        granules.dedup();
+        let mut i = 0;
+        while i < granules.len() {
+            let (seg_id, first) = granules[i];
+            let mut n = 1u32;
+            while i + (n as usize) < granules.len()
+                && granules[i + n as usize] == (seg_id, first + n)
+            {
+                n += 1;
+            }
             i += n as usize;
-            let Some(seg) = self.segments.read().get(&start.segment).cloned() else {
+            let Some(seg) = self.segments.read().get(&seg_id).cloned() else {
                 continue; // already deleted
             };
             fail::fail_point!("chunkstore::punch", |_| Err(Error::Injected(
                 "chunkstore::punch"
             )));
-            let bytes = n as u64 * BLOCK_SIZE as u64;
+            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
             self.ring
                 .fallocate(
                     &seg.file,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    start.block as u64 * BLOCK_SIZE as u64,
-                    bytes,
+                    first as u64 * g,
+                    n as u64 * g,
                 )
                 .await
                 .map_err(|e| Error::io(format!("punch {}", seg.path.display()), e))?;
-            self.stats.punched_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.stats
+                .punched_bytes
+                .fetch_add(n as u64 * g, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Releases a whole chunk nothing references any more: its 1 MiB is punched out.
+    pub async fn release_chunk(&self, c: ChunkId) -> Result<()> {
+        let seg_blocks = self.segment_blocks();
+        let addrs: Vec<BlockAddr> = (0..CHUNK_BLOCKS)
+            .map(|i| c.block(i))
+            .filter(|a| a.block < seg_blocks)
+            .collect();
+        self.release(addrs).await
+    }
+
+    /// Chunks per segment.
+    pub fn chunks_per_segment(&self) -> u32 {
+        self.segment_blocks().div_ceil(CHUNK_BLOCKS)
     }
 
     /// Is the segment sealed with no append in flight (so its reference count can only fall)?
@@ -559,6 +939,10 @@ impl LocalStore {
         if let Some(seg) = seg {
             seg.removed.store(true, Ordering::Release);
             self.dirty.lock().remove(&id);
+            self.dead.lock().remove(&id);
+            if let Some(tier) = self.tier.get() {
+                tier.meta().remove_seg(id)?;
+            }
             match std::fs::remove_file(&seg.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -595,6 +979,15 @@ impl LocalStore {
         let mut v: Vec<u64> = self.segments.read().keys().copied().collect();
         v.sort_unstable();
         v
+    }
+
+    /// Bytes the segment files of one stream occupy on disk.
+    pub fn stream_allocated_bytes(&self, stream: u64) -> u64 {
+        self.segments()
+            .iter()
+            .filter(|s| s.stream == stream)
+            .map(|s| s.allocated_bytes())
+            .sum()
     }
 
     /// Bytes the segment files occupy on disk.
@@ -684,7 +1077,7 @@ mod tests {
         for seed in 0..5u8 {
             let data = pattern(7, seed);
             let expect = data.as_slice().to_vec();
-            let a = store.append(Arc::new(data)).await.unwrap();
+            let a = store.append(1, Arc::new(data)).await.unwrap();
             assert_eq!(a.addrs().count(), 7);
             all.push((a, expect));
         }
@@ -701,10 +1094,10 @@ mod tests {
     async fn corruption_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), cfg(1 << 20)).unwrap();
-        let a = store.append(Arc::new(pattern(2, 9))).await.unwrap();
+        let a = store.append(1, Arc::new(pattern(2, 9))).await.unwrap();
         let (addr, _) = a.runs[0];
         // Flip one byte of the second block behind the store's back.
-        let path = dir.path().join(segment::file_name(addr.segment));
+        let path = dir.path().join(segment::file_name(addr.segment, 1));
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_at(&[0xff], (addr.block as u64 + 1) * 4096 + 100)
             .unwrap();
@@ -720,14 +1113,21 @@ mod tests {
     async fn punch_and_remove_release_space() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), cfg(64 * 4096)).unwrap();
-        let a = store.append(Arc::new(pattern(64, 1))).await.unwrap();
+        let a = store.append(1, Arc::new(pattern(64, 1))).await.unwrap();
         store.sync().await.unwrap();
         let before = store.allocated_bytes();
         assert!(before >= 64 * 4096, "allocated {before}");
-        let addrs: Vec<BlockAddr> = a.addrs().take(32).collect();
-        store.punch(addrs).await.unwrap();
+        // Releasing 40 blocks punches the two fully released 64 KiB granules only.
+        let addrs: Vec<BlockAddr> = a.addrs().take(40).collect();
+        store.release(addrs).await.unwrap();
         let after = store.allocated_bytes();
-        assert!(after <= before - 32 * 4096, "before {before} after {after}");
+        assert_eq!(before - after, 32 * 4096, "before {before} after {after}");
+        assert_eq!(store.stats.punched_bytes.load(Ordering::Relaxed), 32 * 4096);
+        // Releasing the rest of the third granule punches it too; repeats are harmless.
+        let addrs: Vec<BlockAddr> = a.addrs().skip(32).take(16).collect();
+        store.release(addrs.clone()).await.unwrap();
+        store.release(addrs).await.unwrap();
+        assert_eq!(before - store.allocated_bytes(), 48 * 4096);
         // The segment is full but still active until the next append seals it.
         let seg = a.runs[0].0.segment;
         drop(a);
@@ -736,14 +1136,14 @@ mod tests {
         assert!(store.take_idle().contains(&seg));
         assert!(store.remove_segment(seg).unwrap());
         assert_eq!(store.allocated_bytes(), 0);
-        assert!(!dir.path().join(segment::file_name(seg)).exists());
+        assert!(!dir.path().join(segment::file_name(seg, 1)).exists());
     }
 
     #[tokio::test]
     async fn pending_appends_block_removal() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), cfg(1 << 20)).unwrap();
-        let a = store.append(Arc::new(pattern(1, 1))).await.unwrap();
+        let a = store.append(1, Arc::new(pattern(1, 1))).await.unwrap();
         let seg = a.runs[0].0.segment;
         store.seal_active();
         assert!(!store.is_idle(seg), "an uncommitted append keeps it busy");
@@ -760,7 +1160,7 @@ mod tests {
             let store = LocalStore::open(dir.path(), cfg(1 << 20)).unwrap();
             let data = pattern(3, 4);
             let expect = data.as_slice().to_vec();
-            let a = store.append(Arc::new(data)).await.unwrap();
+            let a = store.append(1, Arc::new(data)).await.unwrap();
             store.sync().await.unwrap();
             (a.runs.clone(), a.crcs.clone(), expect)
         };
@@ -778,7 +1178,7 @@ mod tests {
         assert_eq!(out.as_slice(), &expect[..]);
         // Trimming the crashed segment's preallocated tail kept the data.
         assert!(store.allocated_bytes() < (1 << 20));
-        let b = store.append(Arc::new(pattern(1, 5))).await.unwrap();
+        let b = store.append(1, Arc::new(pattern(1, 5))).await.unwrap();
         assert_ne!(b.runs[0].0.segment, runs[0].0.segment);
     }
 
@@ -789,7 +1189,7 @@ mod tests {
         let data = pattern(8, 3);
         let src = data.as_slice().to_vec();
         let a = store
-            .append_ranges(Arc::new(data), &[1..3, 4..8])
+            .append_ranges(1, Arc::new(data), &[1..3, 4..8])
             .await
             .unwrap();
         assert_eq!(a.addrs().count(), 6);
@@ -800,13 +1200,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn append_many_lays_out_items_in_order_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), cfg(8 * 4096)).unwrap();
+        let items: Vec<(Arc<AlignedBuf>, Vec<std::ops::Range<usize>>)> = (0..5u8)
+            .map(|i| (Arc::new(pattern(3, i)), vec![0..1, 2..3]))
+            .collect();
+        let expect: Vec<Vec<u8>> = items
+            .iter()
+            .map(|(b, _)| {
+                let s = b.as_slice();
+                [&s[..4096], &s[2 * 4096..]].concat()
+            })
+            .collect();
+        let out = store.append_many(1, items).await.unwrap();
+        assert_eq!(out.len(), 5);
+        // 10 blocks over 8-block segments: at least one item straddles two segments.
+        assert!(store.segment_ids().len() >= 2);
+        for (a, e) in out.iter().zip(&expect) {
+            assert_eq!(a.addrs().count(), 2);
+            assert_eq!(read_back(&store, a).await.unwrap().as_slice(), &e[..]);
+        }
+    }
+
+    #[tokio::test]
     async fn rejects_partial_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), cfg(1 << 20)).unwrap();
         let mut b = AlignedBuf::zeroed(4096);
         b.set_window(0, 512);
         assert!(matches!(
-            store.append(Arc::new(b)).await,
+            store.append(1, Arc::new(b)).await,
             Err(Error::Invalid(_))
         ));
     }

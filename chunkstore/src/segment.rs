@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 #[derive(Debug)]
 pub struct Segment {
     pub id: u64,
+    /// The append stream (one per volume) this segment belongs to.
+    pub stream: u64,
     pub path: PathBuf,
     pub file: Arc<File>,
     /// Appends whose data is written but not yet committed to (or abandoned by) the map.
@@ -21,18 +23,47 @@ pub struct Segment {
     pub sealed: AtomicBool,
     /// Deleted from disk; reads through an already-open handle still work.
     pub removed: AtomicBool,
+    /// Blocks reserved so far (final once sealed): what an upload covers.
+    pub used_blocks: AtomicU32,
+    /// For segments whose data is in the object store: which 64 KiB frames are in the
+    /// file (`None`: all of it is, the file is authoritative).
+    pub resident: parking_lot::Mutex<Option<Vec<u64>>>,
+    /// Last read (unix ms), for cache eviction.
+    pub last_access: std::sync::atomic::AtomicU64,
 }
 
-pub fn file_name(id: u64) -> String {
-    format!("{id:016x}.seg")
+/// Blocks per residency frame (64 KiB), as in the chunk object format.
+pub const FRAME_BLOCKS: u32 = 16;
+
+pub fn frames_words(blocks: u32) -> usize {
+    (blocks.div_ceil(FRAME_BLOCKS) as usize).div_ceil(64)
 }
 
-pub fn parse_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".seg")?;
-    if hex.len() != 16 {
+/// A residency bitmap with every frame of `blocks` blocks present.
+pub fn all_frames(blocks: u32) -> Vec<u64> {
+    let frames = blocks.div_ceil(FRAME_BLOCKS) as usize;
+    let mut bits = vec![0u64; frames.div_ceil(64)];
+    for f in 0..frames {
+        bits[f / 64] |= 1 << (f % 64);
+    }
+    bits
+}
+
+pub fn file_name(id: u64, stream: u64) -> String {
+    format!("{id:016x}-{stream:016x}.seg")
+}
+
+/// `(segment id, stream)` from a segment file name.
+pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".seg")?;
+    let (id, stream) = stem.split_once('-')?;
+    if id.len() != 16 || stream.len() != 16 {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    Some((
+        u64::from_str_radix(id, 16).ok()?,
+        u64::from_str_radix(stream, 16).ok()?,
+    ))
 }
 
 /// Opens with O_DIRECT where the filesystem supports it (tmpfs on older kernels does not),
@@ -54,11 +85,11 @@ fn open(path: &Path, create: bool, direct: bool) -> std::io::Result<(File, bool)
 }
 
 impl Segment {
-    pub fn create(dir: &Path, id: u64, direct: bool) -> Result<(Segment, bool)> {
-        let path = dir.join(file_name(id));
+    pub fn create(dir: &Path, id: u64, stream: u64, direct: bool) -> Result<(Segment, bool)> {
+        let path = dir.join(file_name(id, stream));
         let (file, direct) =
             open(&path, true, direct).map_err(|e| Error::io(path.display().to_string(), e))?;
-        Ok((Segment::new(id, path, file), direct))
+        Ok((Segment::new(id, stream, path, file), direct))
     }
 
     /// Preallocates `[from, to)` so appends there do not extend the file (extending
@@ -78,23 +109,80 @@ impl Segment {
         Ok(())
     }
 
-    pub fn open_existing(path: PathBuf, id: u64, direct: bool) -> Result<Segment> {
+    pub fn open_existing(path: PathBuf, id: u64, stream: u64, direct: bool) -> Result<Segment> {
         let (file, _) =
             open(&path, false, direct).map_err(|e| Error::io(path.display().to_string(), e))?;
-        let s = Segment::new(id, path, file);
+        let s = Segment::new(id, stream, path, file);
         s.sealed.store(true, Ordering::Release);
+        let used = s.data_end().div_ceil(crate::crc::BLOCK_SIZE as u64) as u32;
+        s.used_blocks.store(used, Ordering::Release);
         Ok(s)
     }
 
-    fn new(id: u64, path: PathBuf, file: File) -> Segment {
+    fn new(id: u64, stream: u64, path: PathBuf, file: File) -> Segment {
         Segment {
             id,
+            stream,
             path,
             file: Arc::new(file),
             pending: AtomicU32::new(0),
             sealed: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            used_blocks: AtomicU32::new(0),
+            resident: parking_lot::Mutex::new(None),
+            last_access: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// A sparse file standing for a segment whose data is only in the object store (a
+    /// volume opened on a host that never had it). Frames are fetched into it on reads.
+    pub fn create_remote(
+        dir: &Path,
+        id: u64,
+        stream: u64,
+        blocks: u32,
+        direct: bool,
+    ) -> Result<Segment> {
+        let path = dir.join(file_name(id, stream));
+        let (file, _) = match open(&path, true, direct) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                open(&path, false, direct).map_err(|e| Error::io(path.display().to_string(), e))?
+            }
+            Err(e) => return Err(Error::io(path.display().to_string(), e)),
+        };
+        file.set_len(blocks as u64 * crate::crc::BLOCK_SIZE as u64)
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
+        let s = Segment::new(id, stream, path, file);
+        s.sealed.store(true, Ordering::Release);
+        s.used_blocks.store(blocks, Ordering::Release);
+        *s.resident.lock() = Some(vec![0; frames_words(blocks)]);
+        Ok(s)
+    }
+
+    /// Which frames hold data, from the file's extents (after a restart).
+    pub fn scan_residency(&self) -> Vec<u64> {
+        let blocks = self.used_blocks.load(Ordering::Acquire);
+        let mut bits = vec![0u64; frames_words(blocks)];
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.file);
+        let frame = FRAME_BLOCKS as i64 * crate::crc::BLOCK_SIZE as i64;
+        let end = blocks as i64 * crate::crc::BLOCK_SIZE as i64;
+        let mut pos = 0i64;
+        while pos < end {
+            // SAFETY: plain syscalls on a valid fd.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 || data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.min(end);
+            let (f0, f1) = (data / frame, (hole + frame - 1) / frame);
+            for f in f0..f1 {
+                bits[(f / 64) as usize] |= 1 << (f % 64);
+            }
+            pos = hole.max(data + 1);
+        }
+        bits
     }
 
     /// Bytes the file really occupies on disk.

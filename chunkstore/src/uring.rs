@@ -1,12 +1,16 @@
 //! A small io_uring reactor shared by every segment file.
 //!
 //! Submitters (any thread, async or not) push an SQE under `sq_lock` and submit at once.
-//! One completion thread waits in `io_uring_enter(GETEVENTS)`, drains the CQ and completes
-//! each operation's oneshot channel, handing back the resources the kernel was using
-//! (buffers, files). Those resources live in the operation's slot until its completion, so
-//! a caller that stops waiting (a dropped future) can never free memory the kernel still
-//! writes to. In-flight operations are bounded by a semaphore sized to the ring, so the
-//! completion queue never overflows.
+//! Completions are drained by one consumer at a time and complete each operation's
+//! oneshot channel, handing back the resources the kernel was using (buffers, files).
+//! Those resources live in the operation's slot until its completion, so a caller that
+//! stops waiting (a dropped future) can never free memory the kernel still writes to.
+//!
+//! Inside a tokio runtime the ring signals an eventfd that a runtime task awaits, so a
+//! request's submission, completion and continuation stay on the runtime's threads (no
+//! extra thread hop per I/O). Outside one, a dedicated thread waits in
+//! `io_uring_enter(GETEVENTS)`. In-flight operations are bounded by a semaphore sized to
+//! the ring, so the completion queue never overflows.
 
 use crate::buf::AlignedBuf;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -14,18 +18,28 @@ use parking_lot::Mutex;
 use slab::Slab;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// Everything an operation's kernel side touches, kept alive until it completes.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct OpResources {
     _file: Option<Arc<File>>,
-    _buf: Option<Arc<AlignedBuf>>,
+    _bufs: Vec<Arc<AlignedBuf>>,
+    _iov: Option<IoVecs>,
     _permit: Option<OwnedSemaphorePermit>,
 }
+
+/// The iovec array of a vectored write (its pointers point into `_bufs`).
+#[derive(Debug)]
+struct IoVecs {
+    _iov: Box<[libc::iovec]>,
+}
+// SAFETY: the iovecs only point into buffers kept alive beside them in the same
+// OpResources; nothing reads or writes through them from Rust.
+unsafe impl Send for IoVecs {}
 
 struct Slot {
     done: oneshot::Sender<(i32, OpResources)>,
@@ -35,13 +49,27 @@ struct Slot {
 struct Inner {
     ring: IoUring,
     sq_lock: Mutex<()>,
+    /// Held while draining the completion queue (one consumer at a time).
+    cq_lock: Mutex<()>,
     slots: Mutex<Slab<Slot>>,
     permits: Arc<Semaphore>,
     stopping: AtomicBool,
+    /// Signalled by the kernel for every completion (tokio mode).
+    eventfd: Option<OwnedFd>,
 }
 
-/// Handle to the reactor; cheap to clone. The completion thread stops when the last
-/// handle is dropped.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Operations still in flight when the ring goes away may complete after the fd is
+        // closed (the kernel finishes them asynchronously): keep their memory alive.
+        let slots = std::mem::take(&mut *self.slots.lock());
+        if !slots.is_empty() {
+            std::mem::forget(slots);
+        }
+    }
+}
+
+/// Handle to the reactor; cheap to clone. The driver stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct Uring {
     inner: Arc<Inner>,
@@ -64,6 +92,13 @@ struct Stopper {
 impl Drop for Stopper {
     fn drop(&mut self) {
         self.inner.stopping.store(true, Ordering::Release);
+        if let Some(fd) = &self.inner.eventfd {
+            // Wake the runtime task so it notices `stopping`.
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes from a valid buffer to an eventfd we own.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            return;
+        }
         let nop = opcode::Nop::new().build().user_data(STOP_TOKEN);
         if self.inner.push(&nop).is_ok()
             && let Some(t) = self.thread.lock().take()
@@ -77,8 +112,8 @@ impl Inner {
     fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
         let _g = self.sq_lock.lock();
         loop {
-            // SAFETY: only this function touches the submission queue, under sq_lock; the
-            // completion thread only uses the completion queue.
+            // SAFETY: only this function touches the submission queue, under sq_lock;
+            // completions are only read under cq_lock.
             let pushed = unsafe { self.ring.submission_shared().push(sqe) };
             match pushed {
                 Ok(()) => break,
@@ -101,7 +136,37 @@ impl Inner {
         }
     }
 
-    fn run_completions(&self) {
+    /// Completes every finished operation. Returns whether a stop token was seen.
+    fn drain(&self) -> bool {
+        let mut done = Vec::new();
+        {
+            let _g = self.cq_lock.lock();
+            // SAFETY: the completion queue is only accessed under cq_lock.
+            let cq = unsafe { self.ring.completion_shared() };
+            for cqe in cq {
+                done.push((cqe.user_data(), cqe.result()));
+            }
+        }
+        let mut stop = false;
+        let mut finished = Vec::with_capacity(done.len());
+        {
+            let mut slots = self.slots.lock();
+            for (token, result) in done {
+                if token == STOP_TOKEN {
+                    stop = true;
+                } else if let Some(slot) = slots.try_remove(token as usize) {
+                    finished.push((slot, result));
+                }
+            }
+        }
+        // Wake the waiters outside the slab lock.
+        for (slot, result) in finished {
+            let _ = slot.done.send((result, slot.res));
+        }
+        stop
+    }
+
+    fn run_thread(&self) {
         loop {
             match self.ring.submitter().submit_and_wait(1) {
                 Ok(_) => {}
@@ -111,34 +176,50 @@ impl Inner {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
-            let mut done = Vec::new();
-            {
-                // SAFETY: the completion queue is only ever accessed from this thread.
-                let cq = unsafe { self.ring.completion_shared() };
-                for cqe in cq {
-                    done.push((cqe.user_data(), cqe.result()));
+            if self.drain() {
+                if self.slots.lock().is_empty() {
+                    return;
                 }
-            }
-            let mut stop = false;
-            {
-                let mut slots = self.slots.lock();
-                for (token, result) in done {
-                    if token == STOP_TOKEN {
-                        stop = true;
-                        continue;
-                    }
-                    if let Some(slot) = slots.try_remove(token as usize) {
-                        let _ = slot.done.send((result, slot.res));
-                    }
-                }
-            }
-            if stop && self.slots.lock().is_empty() {
-                return;
-            }
-            if stop {
                 // Operations still in flight: re-arm the stop token behind them.
                 let nop = opcode::Nop::new().build().user_data(STOP_TOKEN);
                 let _ = self.push(&nop);
+            }
+        }
+    }
+
+    async fn run_task(self: Arc<Self>) {
+        let Some(fd) = &self.eventfd else { return };
+        // SAFETY: the eventfd is owned by `self` (an Arc this task holds), so it stays open
+        // and the same descriptor for the whole life of `afd`, a local of this task.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                fd.as_raw_fd(),
+                tokio::io::Interest::READABLE,
+            )
+        };
+        let afd = match registered {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("io_uring eventfd registration failed: {e}");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match afd.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("io_uring eventfd wait failed: {e}");
+                    return;
+                }
+            };
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes into a valid buffer from our non-blocking eventfd;
+            // resets its counter before draining, so later completions signal again.
+            unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+            guard.clear_ready();
+            self.drain();
+            if self.stopping.load(Ordering::Acquire) && self.slots.lock().is_empty() {
+                return;
             }
         }
     }
@@ -146,23 +227,52 @@ impl Inner {
 
 impl Uring {
     /// A ring with `entries` submission slots (rounded up to a power of two by the kernel).
+    /// Completions are driven by the current tokio runtime if there is one, else by a
+    /// dedicated thread.
     pub fn new(entries: u32) -> io::Result<Uring> {
         let ring = IoUring::builder().build(entries)?;
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let eventfd = match &runtime {
+            Some(_) => {
+                // SAFETY: plain syscall; the returned fd is owned below.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                ring.submitter().register_eventfd(fd.as_raw_fd())?;
+                Some(fd)
+            }
+            None => None,
+        };
         let inner = Arc::new(Inner {
             ring,
             sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
             slots: Mutex::new(Slab::with_capacity(entries as usize)),
             permits: Arc::new(Semaphore::new(entries as usize)),
             stopping: AtomicBool::new(false),
+            eventfd,
         });
-        let worker = inner.clone();
-        let thread = std::thread::Builder::new()
-            .name("chunkstore-uring".into())
-            .spawn(move || worker.run_completions())?;
+        let thread = match runtime {
+            Some(rt) => {
+                rt.spawn(inner.clone().run_task());
+                None
+            }
+            None => {
+                let worker = inner.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("chunkstore-uring".into())
+                        .spawn(move || worker.run_thread())?,
+                )
+            }
+        };
         Ok(Uring {
             _stopper: Arc::new(Stopper {
                 inner: inner.clone(),
-                thread: Mutex::new(Some(thread)),
+                thread: Mutex::new(thread),
             }),
             inner,
         })
@@ -174,24 +284,28 @@ impl Uring {
         file: Option<Arc<File>>,
         buf: Option<Arc<AlignedBuf>>,
     ) -> (io::Result<u32>, OpResources) {
-        let permit = self.inner.permits.clone().acquire_owned().await.ok();
-        let (tx, rx) = oneshot::channel();
         let res = OpResources {
             _file: file,
-            _buf: buf,
-            _permit: permit,
+            _bufs: buf.into_iter().collect(),
+            ..Default::default()
         };
+        self.submit_with(sqe, res).await
+    }
+
+    async fn submit_with(
+        &self,
+        sqe: squeue::Entry,
+        mut res: OpResources,
+    ) -> (io::Result<u32>, OpResources) {
+        res._permit = self.inner.permits.clone().acquire_owned().await.ok();
+        let (tx, rx) = oneshot::channel();
         let token = {
             let mut slots = self.inner.slots.lock();
             slots.insert(Slot { done: tx, res })
         };
         if let Err(e) = self.inner.push(&sqe.user_data(token as u64)) {
             let slot = self.inner.slots.lock().try_remove(token);
-            let res = slot.map(|s| s.res).unwrap_or(OpResources {
-                _file: None,
-                _buf: None,
-                _permit: None,
-            });
+            let res = slot.map(|s| s.res).unwrap_or_default();
             return (Err(e), res);
         }
         match rx.await {
@@ -199,17 +313,14 @@ impl Uring {
             Ok((r, res)) => (Ok(r as u32), res),
             Err(_) => (
                 Err(io::Error::other("io_uring reactor stopped")),
-                OpResources {
-                    _file: None,
-                    _buf: None,
-                    _permit: None,
-                },
+                OpResources::default(),
             ),
         }
     }
 
     /// Reads `len` bytes at `offset` of `file` into `buf[buf_off..buf_off + len]`, looping
-    /// over short reads. Bytes past end of file read as zeros.
+    /// over short reads. Reading past the end of the file is an error (`UnexpectedEof`):
+    /// the caller asked for blocks that should exist.
     pub async fn read_at(
         &self,
         file: &Arc<File>,
@@ -230,7 +341,12 @@ impl Uring {
                 .submit(sqe, Some(file.clone()), Some(buf.clone()))
                 .await;
             match r? {
-                0 => break, // EOF: the rest stays as it is (zeroed buffers read as holes)
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read: {} of {len} bytes at offset {offset}", done),
+                    ));
+                }
                 n => done += n as usize,
             }
         }
@@ -261,6 +377,64 @@ impl Uring {
                 0 => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
                 n => done += n as usize,
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the pieces `(buffer index, offset in its allocation, length)` of `bufs`,
+    /// in order, contiguously at `offset` of `file`: one vectored write (at most 1024
+    /// pieces). A short write falls back to writing the rest piece by piece.
+    pub async fn writev_at(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        bufs: &[Arc<AlignedBuf>],
+        pieces: &[(usize, usize, usize)],
+    ) -> io::Result<()> {
+        if pieces.len() > 1024 || pieces.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} pieces in one vectored write", pieces.len()),
+            ));
+        }
+        let iov: Box<[libc::iovec]> = pieces
+            .iter()
+            .map(|&(b, off, len)| libc::iovec {
+                iov_base: bufs[b].io_ptr(off, len).cast(),
+                iov_len: len,
+            })
+            .collect();
+        let total: usize = pieces.iter().map(|p| p.2).sum();
+        let sqe = opcode::Writev::new(types::Fd(file.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
+            .offset(offset)
+            .build();
+        let res = OpResources {
+            _file: Some(file.clone()),
+            _bufs: bufs.to_vec(),
+            _iov: Some(IoVecs { _iov: iov }),
+            ..Default::default()
+        };
+        let (r, _) = self.submit_with(sqe, res).await;
+        let written = r? as usize;
+        if written == total {
+            return Ok(());
+        }
+        // Short write (rare: ENOSPC/EIO edges): finish piece by piece.
+        let mut pos = 0usize;
+        for &(b, off, len) in pieces {
+            let end = pos + len;
+            if end > written {
+                let skip = written.saturating_sub(pos);
+                self.write_at(
+                    file,
+                    offset + (pos + skip) as u64,
+                    &bufs[b],
+                    off + skip,
+                    len - skip,
+                )
+                .await?;
+            }
+            pos = end;
         }
         Ok(())
     }

@@ -59,12 +59,14 @@ pub struct NbdArgs {
     )]
     pub targets: Vec<Target>,
 
-    /// Jobs to run, comma separated (default: all five, in the listed order).
+    /// Jobs to run, comma separated (default: all six). They always run in this order:
+    /// reads on the sequentially preconditioned export, then writes, then the sequential
+    /// read again on the aged export.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "randread-4k-qd32,randwrite-4k-qd32,randread-4k-qd1,seqread-1m-qd8,seqwrite-1m-qd8"
+        default_value = "randread-4k-qd32,randread-4k-qd1,seqread-1m-qd8,randwrite-4k-qd32,seqread-1m-qd8-aged,seqwrite-1m-qd8"
     )]
     pub jobs: Vec<Job>,
 

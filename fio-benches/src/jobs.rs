@@ -39,14 +39,24 @@ pub enum Job {
     #[value(name = "seqwrite-1m-qd8")]
     #[serde(rename = "seqwrite-1m-qd8")]
     SeqWrite1mQd8,
+    /// Sequential read again, after the random writes: the same job on an "aged" export.
+    /// In-place stores are unaffected; a log-structured one (blockd) now reads blocks the
+    /// random writes scattered.
+    #[value(name = "seqread-1m-qd8-aged")]
+    #[serde(rename = "seqread-1m-qd8-aged")]
+    SeqRead1mQd8Aged,
 }
 
 impl Job {
-    pub const ALL: [Job; 5] = [
+    /// Run order: reads first, on the sequentially preconditioned export (the state every
+    /// target starts from), then the writes, then the sequential read again on the aged
+    /// export.
+    pub const ALL: [Job; 6] = [
         Job::RandRead4kQd32,
-        Job::RandWrite4kQd32,
         Job::RandRead4kQd1,
         Job::SeqRead1mQd8,
+        Job::RandWrite4kQd32,
+        Job::SeqRead1mQd8Aged,
         Job::SeqWrite1mQd8,
     ];
 
@@ -57,6 +67,7 @@ impl Job {
             Job::RandRead4kQd1 => "randread-4k-qd1",
             Job::SeqRead1mQd8 => "seqread-1m-qd8",
             Job::SeqWrite1mQd8 => "seqwrite-1m-qd8",
+            Job::SeqRead1mQd8Aged => "seqread-1m-qd8-aged",
         }
     }
 
@@ -65,7 +76,7 @@ impl Job {
         match self {
             Job::RandRead4kQd32 | Job::RandRead4kQd1 => "randread",
             Job::RandWrite4kQd32 => "randwrite",
-            Job::SeqRead1mQd8 => "read",
+            Job::SeqRead1mQd8 | Job::SeqRead1mQd8Aged => "read",
             Job::SeqWrite1mQd8 => "write",
         }
     }
@@ -74,7 +85,7 @@ impl Job {
     pub fn bs(self) -> &'static str {
         match self {
             Job::RandRead4kQd32 | Job::RandWrite4kQd32 | Job::RandRead4kQd1 => "4k",
-            Job::SeqRead1mQd8 | Job::SeqWrite1mQd8 => "1M",
+            Job::SeqRead1mQd8 | Job::SeqWrite1mQd8 | Job::SeqRead1mQd8Aged => "1M",
         }
     }
 
@@ -82,7 +93,7 @@ impl Job {
         match self {
             Job::RandRead4kQd32 | Job::RandWrite4kQd32 => 32,
             Job::RandRead4kQd1 => 1,
-            Job::SeqRead1mQd8 | Job::SeqWrite1mQd8 => 8,
+            Job::SeqRead1mQd8 | Job::SeqWrite1mQd8 | Job::SeqRead1mQd8Aged => 8,
         }
     }
 

@@ -35,6 +35,7 @@ pub(crate) struct VolumeState {
     pub size_bytes: u64,
     pub created_unix_ms: u64,
     pub cloned_from: Option<String>,
+    pub stream: u64,
     /// The timeline receiving writes. Changed only by restore (holding `admin` and the old
     /// head's lock).
     pub head: RwLock<Arc<TimelineState>>,
@@ -63,6 +64,7 @@ impl VolumeState {
             next_checkpoint: admin.next_checkpoint,
             created_unix_ms: self.created_unix_ms,
             cloned_from: self.cloned_from.clone(),
+            stream: self.stream,
         }
     }
 

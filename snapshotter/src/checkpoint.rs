@@ -263,6 +263,7 @@ impl Snapshotter {
             next_checkpoint: 1,
             created_unix_ms: now_ms(),
             cloned_from: Some(format!("{volume}@{id}")),
+            stream: crate::records::new_stream_id(),
         };
         let trec = TimelineRecord {
             id: tid,

@@ -9,8 +9,16 @@
 //!       | 0x03 | group | index | crc | origin timeline u64 BE   (Borrowed, 25 bytes)
 //! ```
 //!
-//! Keys sort by timeline, then block, then *descending* seq, so one seek to
-//! `(t, lba, !limit)` lands on the newest version visible at `limit`.
+//! **Head slot.** The newest version of a block on a timeline lives at the key whose seq
+//! field is `HEAD_SLOT` (`!seq` = 0, so it sorts first); its value is
+//! `0x10 | seq u64 BE | <version encoding above>`. Older versions that a checkpoint or a
+//! branch point still needs live at their own seq ("history" keys), all below the head
+//! slot's seq. Invariant: if a timeline holds any version of a block, the head slot holds
+//! the newest. So the data path finds the current version with a bloom-filtered point
+//! lookup, and an overwrite nothing retains is a single put.
+//!
+//! Keys sort by timeline, then block, then descending seq: after the head slot, one seek to
+//! `(t, lba, !limit)` lands on the newest history version visible at `limit`.
 //!
 //! The small catalog records (volumes, timelines, checkpoints) are JSON: they are read at
 //! open and written by admin operations only, and stay readable by operators.
@@ -20,6 +28,14 @@ use crate::error::{Error, Result};
 use crate::ids::{Lba, PhysBlock, Seq, TimelineId};
 
 pub const MAP_KEY_LEN: usize = 24;
+
+/// The seq field of a block's head slot key.
+pub const HEAD_SLOT: Seq = Seq::MAX;
+
+/// Key of the head slot of block `lba` on timeline `t`.
+pub fn head_key(t: TimelineId, lba: Lba) -> [u8; MAP_KEY_LEN] {
+    map_key(t, lba, HEAD_SLOT)
+}
 
 pub fn map_key(t: TimelineId, lba: Lba, seq: Seq) -> [u8; MAP_KEY_LEN] {
     let mut k = [0u8; MAP_KEY_LEN];
@@ -131,6 +147,54 @@ impl MapValue {
                 Some((phys, crc))
             }
             MapValue::Tombstone => None,
+        }
+    }
+}
+
+const TAG_HEAD: u8 = 0x10;
+
+/// One version of a block: its seq and value (wherever it is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub seq: Seq,
+    pub value: MapValue,
+}
+
+impl Version {
+    /// Encoding for the head slot (the seq travels in the value).
+    pub fn encode_head(&self) -> Vec<u8> {
+        let inner = self.value.encode();
+        let mut v = Vec::with_capacity(9 + inner.len());
+        v.push(TAG_HEAD);
+        v.extend_from_slice(&self.seq.0.to_be_bytes());
+        v.extend_from_slice(&inner);
+        v
+    }
+
+    /// Decodes a map entry found at a key whose seq field is `key_seq`.
+    pub fn decode(key_seq: Seq, v: &[u8]) -> Result<Version> {
+        if key_seq != HEAD_SLOT {
+            return Ok(Version {
+                seq: key_seq,
+                value: MapValue::decode(v)?,
+            });
+        }
+        match v {
+            [TAG_HEAD, rest @ ..] if rest.len() > 8 => {
+                let seq = Seq(u64::from_be_bytes(be8(&rest[..8])));
+                if seq == HEAD_SLOT {
+                    return Err(Error::Corrupt("head slot holding the head-slot seq".into()));
+                }
+                Ok(Version {
+                    seq,
+                    value: MapValue::decode(&rest[8..])?,
+                })
+            }
+            _ => Err(Error::Corrupt(format!(
+                "head slot value of {} bytes: {:02x?}",
+                v.len(),
+                &v[..v.len().min(32)]
+            ))),
         }
     }
 }
@@ -257,7 +321,17 @@ mod tests {
         }
 
         #[test]
-        fn decoders_never_panic(bytes: Vec<u8>) {
+        fn head_slot_roundtrip(seq in 0u64..u64::MAX, group: u64, index: u32, crc: u32) {
+            let v = Version { seq: Seq(seq), value: MapValue::Owned { phys: PhysBlock { group, index }, crc } };
+            prop_assert_eq!(Version::decode(HEAD_SLOT, &v.encode_head()).unwrap(), v);
+            let t = Version { seq: Seq(seq), value: MapValue::Tombstone };
+            prop_assert_eq!(Version::decode(HEAD_SLOT, &t.encode_head()).unwrap(), t);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes: Vec<u8>, seq: u64) {
+            let _ = Version::decode(Seq(seq), &bytes);
+            let _ = Version::decode(HEAD_SLOT, &bytes);
             let _ = MapValue::decode(&bytes);
             let _ = decode_map_key(&bytes);
             let _ = Counters::decode(&bytes);

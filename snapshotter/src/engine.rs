@@ -68,7 +68,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            cache_bytes: 64 << 20,
+            cache_bytes: 256 << 20,
             max_read_depth: 4,
         }
     }
@@ -321,6 +321,7 @@ fn load(db: &DB) -> Result<(Catalog, BTreeSet<Work>)> {
             size_bytes: r.size_bytes,
             created_unix_ms: r.created_unix_ms,
             cloned_from: r.cloned_from.clone(),
+            stream: r.stream,
             head: RwLock::new(head),
             admin: parking_lot::Mutex::new(VolumeAdmin {
                 next_checkpoint: r.next_checkpoint,

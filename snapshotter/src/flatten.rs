@@ -8,7 +8,7 @@
 //! which stays in the parent's retention set for as long as this timeline exists.
 
 use crate::catalog::TimelineState;
-use crate::codec::{MapValue, decode_map_key, map_key, map_key_first};
+use crate::codec::{MapValue, Version, decode_map_key, head_key, map_key, map_key_first};
 use crate::db::{self, CF_MAP, cf};
 use crate::engine::{Inner, Released};
 use crate::error::Result;
@@ -58,18 +58,20 @@ impl Inner {
                     MapValue::Borrowed { phys, crc, origin } => (phys, crc, origin),
                     MapValue::Tombstone => continue,
                 };
-                let needed = match oldest[i] {
-                    None => true,
-                    Some(s) if s == Seq::BASE => false, // copied by an earlier, interrupted run
-                    Some(s) => tm.retention.range(..s).next().is_some(),
+                let lba = Lba(lo + i as u64);
+                let copy = Version {
+                    seq: Seq::BASE,
+                    value: MapValue::Borrowed { phys, crc, origin },
                 };
-                if needed {
-                    let v = MapValue::Borrowed { phys, crc, origin };
-                    b.put_cf(
-                        map,
-                        map_key(t.id, Lba(lo + i as u64), Seq::BASE),
-                        v.encode(),
-                    );
+                match oldest[i] {
+                    // The timeline holds nothing of this block: the copy is its newest version.
+                    None => b.put_cf(map, head_key(t.id, lba), copy.encode_head()),
+                    Some(s) if s == Seq::BASE => {} // copied by an earlier, interrupted run
+                    // Own versions exist: readers older than all of them need the copy.
+                    Some(s) if tm.retention.range(..s).next().is_some() => {
+                        b.put_cf(map, map_key(t.id, lba, Seq::BASE), copy.value.encode())
+                    }
+                    Some(_) => {}
                 }
             }
             fail::fail_point!("snapshotter::flatten::before_write", |_| Err(
@@ -107,16 +109,18 @@ impl Inner {
     ) -> Result<Vec<Option<Seq>>> {
         let mut out = vec![None; n];
         let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound(map_key_first(t.id, Lba(lo + n as u64)).to_vec());
         let mut it = self.db.raw_iterator_cf_opt(cf(&self.db, CF_MAP), ro);
         it.seek(map_key_first(t.id, Lba(lo)));
         while let Some(k) = it.key() {
-            let (kt, lba, seq) = decode_map_key(k)?;
+            let (kt, lba, key_seq) = decode_map_key(k)?;
             if kt != t.id {
                 break;
             }
+            let v = Version::decode(key_seq, it.value().unwrap_or_default())?;
             // Versions come newest first, so the last one seen per block is the oldest.
-            out[(lba.0 - lo) as usize] = Some(seq);
+            out[(lba.0 - lo) as usize] = Some(v.seq);
             it.next();
         }
         it.status()?;

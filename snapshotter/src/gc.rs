@@ -8,7 +8,7 @@
 //! the data path's own superseding (which uses the same predicate).
 
 use crate::catalog::TimelineState;
-use crate::codec::{self, Counters, MapValue, decode_map_key, map_key_first};
+use crate::codec::{self, Counters, HEAD_SLOT, MapValue, Version, decode_map_key, map_key_first};
 use crate::db::{self, CF_MAP, cf};
 use crate::engine::{Inner, Released, Snapshotter, Work};
 use crate::error::Result;
@@ -78,6 +78,7 @@ impl Inner {
                 return Ok(released);
             }
             let mut ro = ReadOptions::default();
+            ro.set_total_order_seek(true);
             ro.set_iterate_upper_bound(upper.clone());
             let mut it = self.db.raw_iterator_cf_opt(map, ro);
             it.seek(&cursor);
@@ -85,7 +86,8 @@ impl Inner {
             let mut groups: HashMap<u64, i64> = HashMap::new();
             let mut delta = Counters::default();
             let mut examined = 0;
-            let mut group: Vec<(Seq, MapValue)> = Vec::new();
+            // (key seq, version) of one block, newest first (the head slot, then history).
+            let mut group: Vec<(Seq, Version)> = Vec::new();
             let mut group_lba: Option<Lba> = None;
             let bottomless = t.parent.is_none() || t.is_flattened();
             let mut finished = true;
@@ -121,9 +123,9 @@ impl Inner {
                     }
                 }
                 let Some((_, lba, seq)) = next else { break };
-                let value = MapValue::decode(it.value().unwrap_or_default())?;
+                let version = Version::decode(seq, it.value().unwrap_or_default())?;
                 group_lba = Some(lba);
-                group.push((seq, value));
+                group.push((seq, version));
                 examined += 1;
                 it.next();
             }
@@ -152,14 +154,15 @@ impl Inner {
         Ok(released)
     }
 
-    /// Decides which versions of one block stay; deletes the rest into `b`.
+    /// Decides which versions of one block stay; deletes the rest into `b`, and keeps the
+    /// head slot holding the newest remaining version.
     #[allow(clippy::too_many_arguments)]
     fn collect_group(
         &self,
         t: &TimelineState,
         tm: &crate::catalog::TimelineMut,
         lba: Lba,
-        versions: &[(Seq, MapValue)],
+        versions: &[(Seq, Version)],
         bottomless: bool,
         b: &mut WriteBatch,
         released: &mut Released,
@@ -170,11 +173,11 @@ impl Inner {
         let mut keep: Vec<bool> = versions
             .iter()
             .enumerate()
-            .map(|(i, (seq, _))| {
+            .map(|(i, (_, v))| {
                 if i == 0 {
-                    tm.retained_from(*seq)
+                    tm.retained_from(v.seq)
                 } else {
-                    tm.retained(*seq, versions[i - 1].0)
+                    tm.retained(v.seq, versions[i - 1].1.seq)
                 }
             })
             .collect();
@@ -184,17 +187,31 @@ impl Inner {
                 if !keep[i] {
                     continue;
                 }
-                if versions[i].1 == MapValue::Tombstone {
+                if versions[i].1.value == MapValue::Tombstone {
                     keep[i] = false;
                 } else {
                     break;
                 }
             }
         }
-        for (i, (seq, value)) in versions.iter().enumerate() {
+        let map = cf(&self.db, CF_MAP);
+        let head_dropped = versions.first().is_some_and(|(k, _)| *k == HEAD_SLOT) && !keep[0];
+        for (i, (key_seq, v)) in versions.iter().enumerate() {
             if !keep[i] {
-                b.delete_cf(cf(&self.db, CF_MAP), codec::map_key(t.id, lba, *seq));
-                Inner::release_version(value, released, groups, delta);
+                if *key_seq != HEAD_SLOT {
+                    b.delete_cf(map, codec::map_key(t.id, lba, *key_seq));
+                }
+                Inner::release_version(&v.value, released, groups, delta);
+            }
+        }
+        if head_dropped {
+            // The newest version left (a history one) takes over the head slot.
+            match versions.iter().zip(&keep).find(|(_, k)| **k) {
+                Some(((key_seq, v), _)) => {
+                    b.put_cf(map, codec::head_key(t.id, lba), v.encode_head());
+                    b.delete_cf(map, codec::map_key(t.id, lba, *key_seq));
+                }
+                None => b.delete_cf(map, codec::head_key(t.id, lba)),
             }
         }
     }

@@ -19,6 +19,7 @@ mod codec;
 mod db;
 mod engine;
 mod error;
+mod export;
 mod flatten;
 mod gc;
 mod ids;
@@ -27,12 +28,15 @@ mod records;
 mod volume;
 
 pub use checkpoint::{CheckpointInfo, CheckpointReader};
-pub use codec::{Counters, MapValue};
+pub use codec::{Counters, HEAD_SLOT, MapValue, Version};
 pub use engine::{Options, Released, Snapshotter};
 pub use error::{Error, Result};
+pub use export::{
+    CountersExport, EntryExport, FOREIGN_VOLUME, PAGE_BLOCKS, TimelineExport, VolumeExport,
+};
 pub use ids::{BLOCK_SIZE, CheckpointId, Lba, PhysBlock, Seq, TimelineId, VolumeId};
 pub use map::{Found, Mapping};
-pub use records::{CheckpointKind, CheckpointRecord};
+pub use records::{BranchPoint, CheckpointKind, CheckpointRecord, TimelineRecord, VolumeRecord};
 pub use volume::{BlockUpdate, Commit, VolumeHandle, VolumeInfo};
 
 /// Decoders for untrusted on-disk bytes, exposed for fuzzing.

@@ -6,7 +6,9 @@
 //! tombstone ends the walk (the block reads as zeros).
 
 use crate::catalog::TimelineState;
-use crate::codec::{MapValue, decode_map_key, map_key, map_key_first};
+use crate::codec::{
+    HEAD_SLOT, MapValue, Version, decode_map_key, head_key, map_key, map_key_first,
+};
 use crate::db::{CF_MAP, cf};
 use crate::engine::Inner;
 use crate::error::Result;
@@ -65,6 +67,34 @@ impl Inner {
         Ok(out)
     }
 
+    /// The head slots of blocks `[lba0, lba0 + n)` on `t` (batched point lookups): each
+    /// block's newest version on `t`, or `None` if `t` holds no version of it.
+    pub(crate) fn head_versions(
+        &self,
+        t: &TimelineState,
+        lba0: u64,
+        n: usize,
+    ) -> Result<Vec<Option<Found>>> {
+        let keys: Vec<[u8; 24]> = (0..n as u64)
+            .map(|i| head_key(t.id, Lba(lba0 + i)))
+            .collect();
+        let got = self
+            .db
+            .batched_multi_get_cf(cf(&self.db, CF_MAP), &keys, true);
+        got.into_iter()
+            .map(|r| {
+                let Some(v) = r? else { return Ok(None) };
+                let ver = Version::decode(HEAD_SLOT, &v)?;
+                Ok(Some(Found {
+                    value: ver.value,
+                    timeline: t.id,
+                    seq: ver.seq,
+                    owner: owner_of(t, &ver.value),
+                }))
+            })
+            .collect()
+    }
+
     /// Fills the still-unresolved slots of `out` from timeline `t` at `lim`; returns how
     /// many it resolved.
     fn scan_level(
@@ -78,13 +108,17 @@ impl Inner {
         let Some(first) = out.iter().position(Option::is_none) else {
             return Ok(0);
         };
+        if n == 1 {
+            return self.point_level(t, lim, lba0, out);
+        }
         let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound(map_key_first(t.id, Lba(lba0 + n as u64)).to_vec());
         let mut it = self.db.raw_iterator_cf_opt(cf(&self.db, CF_MAP), ro);
-        it.seek(map_key(t.id, Lba(lba0 + first as u64), lim));
+        it.seek(head_key(t.id, Lba(lba0 + first as u64)));
         let mut resolved = 0;
         while let Some(key) = it.key() {
-            let (kt, lba, seq) = decode_map_key(key)?;
+            let (kt, lba, kseq) = decode_map_key(key)?;
             if kt != t.id || lba.0 < lba0 || lba.0 >= lba0 + n as u64 {
                 break;
             }
@@ -92,29 +126,65 @@ impl Inner {
             if out[idx].is_some() {
                 // Older version of a block already decided: jump to the next open slot.
                 match out[idx + 1..].iter().position(Option::is_none) {
-                    Some(j) => it.seek(map_key(t.id, Lba(lba0 + (idx + 1 + j) as u64), lim)),
+                    Some(j) => it.seek(head_key(t.id, Lba(lba0 + (idx + 1 + j) as u64))),
                     None => break,
                 }
                 continue;
             }
-            if seq > lim {
+            let ver = Version::decode(kseq, it.value().unwrap_or_default())?;
+            if ver.seq > lim {
+                // Newer than the reader: the first history version at or below `lim`.
                 it.seek(map_key(t.id, lba, lim));
                 continue;
             }
-            let value = it.value().map(MapValue::decode).transpose()?;
-            if let Some(value) = value {
-                out[idx] = Some(Found {
-                    value,
-                    timeline: t.id,
-                    seq,
-                    owner: owner_of(t, &value),
-                });
-                resolved += 1;
-            }
+            out[idx] = Some(Found {
+                value: ver.value,
+                timeline: t.id,
+                seq: ver.seq,
+                owner: owner_of(t, &ver.value),
+            });
+            resolved += 1;
             it.next();
         }
         it.status()?;
         Ok(resolved)
+    }
+
+    /// One block: a point lookup of its head slot; history only for older readers.
+    fn point_level(
+        &self,
+        t: &TimelineState,
+        lim: Seq,
+        lba: u64,
+        out: &mut [Option<Found>],
+    ) -> Result<usize> {
+        let map = cf(&self.db, CF_MAP);
+        let Some(v) = self.db.get_pinned_cf(map, head_key(t.id, Lba(lba)))? else {
+            return Ok(0); // the timeline holds no version of this block
+        };
+        let mut ver = Version::decode(HEAD_SLOT, &v)?;
+        if ver.seq > lim {
+            let mut ro = ReadOptions::default();
+            ro.set_prefix_same_as_start(true);
+            let mut it = self.db.raw_iterator_cf_opt(map, ro);
+            it.seek(map_key(t.id, Lba(lba), lim));
+            let Some(key) = it.key() else {
+                it.status()?;
+                return Ok(0);
+            };
+            let (kt, klba, kseq) = decode_map_key(key)?;
+            if kt != t.id || klba.0 != lba {
+                return Ok(0);
+            }
+            ver = Version::decode(kseq, it.value().unwrap_or_default())?;
+        }
+        out[0] = Some(Found {
+            value: ver.value,
+            timeline: t.id,
+            seq: ver.seq,
+            owner: owner_of(t, &ver.value),
+        });
+        Ok(1)
     }
 }
 

@@ -17,6 +17,23 @@ pub struct VolumeRecord {
     /// Where this volume was cloned from, for display.
     #[serde(default)]
     pub cloned_from: Option<String>,
+    /// Random id of the volume's data stream: the data store keeps each volume's blocks in
+    /// segments of their own. Stable across hosts (carried by manifests).
+    #[serde(default)]
+    pub stream: u64,
+}
+
+/// A fresh random stream id (never 0).
+pub fn new_stream_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish().max(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

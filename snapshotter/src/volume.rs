@@ -2,7 +2,7 @@
 //! discards in the block map.
 
 use crate::catalog::{TimelineMut, TimelineState, VolumeAdmin, VolumeState};
-use crate::codec::{Counters, MapValue, map_key};
+use crate::codec::{Counters, MapValue, Version, head_key, map_key};
 use crate::db::{self, CF_HEADS, CF_MAP, cf};
 use crate::engine::{Inner, Released, Snapshotter, Work, now_ms};
 use crate::error::{Error, Result};
@@ -36,6 +36,8 @@ pub struct VolumeInfo {
     pub checkpoints: u64,
     /// Timelines a read of an unwritten block may visit (kept small by flattening).
     pub read_depth: u64,
+    /// The volume's data stream id.
+    pub stream: u64,
 }
 
 /// Result of a data-path commit.
@@ -80,6 +82,7 @@ impl Snapshotter {
             next_checkpoint: 1,
             created_unix_ms: now_ms(),
             cloned_from: None,
+            stream: crate::records::new_stream_id(),
         };
         let trec = TimelineRecord {
             id: tid,
@@ -135,6 +138,7 @@ impl Snapshotter {
             owned_bytes: b(c.owned_blocks),
             checkpoints,
             read_depth: v.head().read_depth() as u64,
+            stream: v.stream,
         }
     }
 
@@ -240,6 +244,7 @@ impl Inner {
             size_bytes: rec.size_bytes,
             created_unix_ms: rec.created_unix_ms,
             cloned_from: rec.cloned_from.clone(),
+            stream: rec.stream,
             head: RwLock::new(t),
             admin: parking_lot::Mutex::new(VolumeAdmin {
                 next_checkpoint: rec.next_checkpoint,
@@ -297,6 +302,11 @@ impl VolumeHandle {
         self.vol.size_bytes
     }
 
+    /// The volume's data stream id (see `VolumeRecord::stream`).
+    pub fn stream(&self) -> u64 {
+        self.vol.stream
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.vol.is_deleted()
     }
@@ -349,6 +359,21 @@ impl VolumeHandle {
     }
 
     fn commit(&self, lba0: u64, updates: &[BlockUpdate]) -> Result<Commit> {
+        let mut v = self.commit_group_checked(&[(lba0, updates)])?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// Commits several requests at once: one RocksDB batch (one WAL write), each request
+    /// with its own seq, in order, exactly as if committed one after the other. Used by
+    /// the write pipeline to amortise the commit over concurrent writes.
+    pub fn commit_group(&self, items: &[(u64, &[BlockUpdate])]) -> Result<Vec<Commit>> {
+        for (lba0, updates) in items {
+            self.check(*lba0, updates.len())?;
+        }
+        self.commit_group_checked(items)
+    }
+
+    fn commit_group_checked(&self, items: &[(u64, &[BlockUpdate])]) -> Result<Vec<Commit>> {
         let inner = &self.inner;
         loop {
             let head = self.vol.head();
@@ -360,57 +385,105 @@ impl VolumeHandle {
                 }
                 continue;
             }
-            let n = updates.len();
-            let found = inner.resolve(&head, Seq::MAX, lba0, n)?;
-            let seq = Seq(tm.head_seq.0 + 1);
             let map = cf(&inner.db, CF_MAP);
             let mut b = WriteBatch::default();
             let mut delta = Counters::default();
             let mut groups: HashMap<u64, i64> = HashMap::new();
-            let mut released = Released::default();
-            let mut changed = false;
-            for (i, old) in found.iter().enumerate() {
-                let lba = Lba(lba0 + i as u64);
-                let old_data = old.filter(|f| f.value.data().is_some());
-                let old_owned = old_data.is_some_and(|f| f.owner == Some(self.vol.id));
-                let new_value = match updates[i] {
-                    BlockUpdate::Data(phys, crc) => {
-                        if old_data.is_none() {
-                            delta.head_blocks += 1;
-                        }
-                        if !old_owned {
-                            delta.head_owned_blocks += 1;
-                        }
-                        delta.owned_blocks += 1;
-                        *groups.entry(phys.group).or_insert(0) += 1;
-                        MapValue::Owned { phys, crc }
-                    }
-                    BlockUpdate::Zero => {
-                        if old_data.is_none() {
-                            continue; // already reads as zeros
-                        }
-                        delta.head_blocks -= 1;
-                        if old_owned {
-                            delta.head_owned_blocks -= 1;
-                        }
-                        MapValue::Tombstone
-                    }
-                };
-                changed = true;
-                if let Some(f) = old
-                    && f.timeline == head.id
-                    && !tm.retained(f.seq, seq)
+            let mut commits: Vec<Commit> = Vec::with_capacity(items.len());
+            // Versions written by earlier requests of this group (not in the DB yet).
+            let mut overlay: HashMap<u64, Found> = HashMap::new();
+            let mut seq = tm.head_seq;
+            for (lba0, updates) in items {
+                let (lba0, n) = (*lba0, updates.len());
+                // The head's current versions: its own head slots (point lookups), else what
+                // it sees through its ancestors.
+                let mut found = inner.head_versions(&head, lba0, n)?;
+                if found.iter().any(Option::is_none)
+                    && !head.is_flattened()
+                    && let Some((parent, branch)) = &head.parent
                 {
-                    b.delete_cf(map, map_key(head.id, lba, f.seq));
-                    Inner::release_version(&f.value, &mut released, &mut groups, &mut delta);
+                    let seen = inner.resolve(parent, *branch, lba0, n)?;
+                    for (f, a) in found.iter_mut().zip(seen) {
+                        if f.is_none() {
+                            *f = a;
+                        }
+                    }
                 }
-                b.put_cf(map, map_key(head.id, lba, seq), new_value.encode());
+                for (i, f) in found.iter_mut().enumerate() {
+                    if let Some(o) = overlay.get(&(lba0 + i as u64)) {
+                        *f = Some(*o);
+                    }
+                }
+                let item_seq = Seq(seq.0 + 1);
+                let mut released = Released::default();
+                let mut changed = false;
+                for (i, old) in found.iter().enumerate() {
+                    let lba = Lba(lba0 + i as u64);
+                    let old_data = old.filter(|f| f.value.data().is_some());
+                    let old_owned = old_data.is_some_and(|f| f.owner == Some(self.vol.id));
+                    let new_value = match updates[i] {
+                        BlockUpdate::Data(phys, crc) => {
+                            if old_data.is_none() {
+                                delta.head_blocks += 1;
+                            }
+                            if !old_owned {
+                                delta.head_owned_blocks += 1;
+                            }
+                            delta.owned_blocks += 1;
+                            *groups.entry(phys.group).or_insert(0) += 1;
+                            MapValue::Owned { phys, crc }
+                        }
+                        BlockUpdate::Zero => {
+                            if old_data.is_none() {
+                                continue; // already reads as zeros
+                            }
+                            delta.head_blocks -= 1;
+                            if old_owned {
+                                delta.head_owned_blocks -= 1;
+                            }
+                            MapValue::Tombstone
+                        }
+                    };
+                    changed = true;
+                    // The new version takes the head slot. The version it replaces on this
+                    // timeline moves to its history key if a checkpoint or branch point still
+                    // sees it, else it is released: an unretained overwrite is one put.
+                    if let Some(f) = old
+                        && f.timeline == head.id
+                    {
+                        if tm.retained(f.seq, item_seq) {
+                            b.put_cf(map, map_key(head.id, lba, f.seq), f.value.encode());
+                        } else {
+                            Inner::release_version(
+                                &f.value,
+                                &mut released,
+                                &mut groups,
+                                &mut delta,
+                            );
+                        }
+                    }
+                    let new = Version {
+                        seq: item_seq,
+                        value: new_value,
+                    };
+                    b.put_cf(map, head_key(head.id, lba), new.encode_head());
+                    overlay.insert(
+                        lba.0,
+                        Found {
+                            value: new_value,
+                            timeline: head.id,
+                            seq: item_seq,
+                            owner: new_value.data().map(|_| self.vol.id),
+                        },
+                    );
+                }
+                if changed {
+                    seq = item_seq;
+                }
+                commits.push(Commit { seq, released });
             }
-            if !changed {
-                return Ok(Commit {
-                    seq: tm.head_seq,
-                    released,
-                });
+            if seq == tm.head_seq {
+                return Ok(commits); // nothing changed
             }
             b.put_cf(
                 cf(&inner.db, CF_HEADS),
@@ -426,8 +499,11 @@ impl VolumeHandle {
             fail::fail_point!("snapshotter::commit::after_write");
             tm.head_seq = seq;
             self.vol.counters.lock().add(&delta);
-            released.empty_groups = inner.apply_groups(&groups);
-            return Ok(Commit { seq, released });
+            let empty = inner.apply_groups(&groups);
+            if let Some(c) = commits.first_mut() {
+                c.released.empty_groups = empty;
+            }
+            return Ok(commits);
         }
     }
 

@@ -8,7 +8,9 @@
 #![allow(clippy::unwrap_used)] // tests: a failed step is a failed test
 
 use proptest::prelude::*;
-use snapshotter::{BLOCK_SIZE, CheckpointId, Mapping, Options, PhysBlock, Released, Snapshotter};
+use snapshotter::{
+    BLOCK_SIZE, BlockUpdate, CheckpointId, Mapping, Options, PhysBlock, Released, Snapshotter,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 const BLOCKS: u64 = 24;
@@ -19,6 +21,8 @@ enum Op {
     Create(usize),
     Write(usize, u64, u64),
     Zero(usize, u64, u64),
+    /// Several writes/zeroes of one volume committed as one group (may overlap).
+    Group(usize, Vec<(u64, u64, bool)>),
     Checkpoint(usize),
     Restore(usize, usize),
     Clone(usize, usize, usize),
@@ -34,6 +38,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => v.clone().prop_map(Op::Create),
         6 => (v.clone(), 0..BLOCKS, 1..6u64).prop_map(|(v, l, n)| Op::Write(v, l, n)),
         2 => (v.clone(), 0..BLOCKS, 1..6u64).prop_map(|(v, l, n)| Op::Zero(v, l, n)),
+        3 => (v.clone(), prop::collection::vec((0..BLOCKS, 1..6u64, prop::bool::weighted(0.3)), 1..6))
+            .prop_map(|(v, items)| Op::Group(v, items)),
         3 => v.clone().prop_map(Op::Checkpoint),
         2 => (v.clone(), 0..8usize).prop_map(|(v, c)| Op::Restore(v, c)),
         1 => (v.clone(), 0..8usize, v.clone()).prop_map(|(v, c, d)| Op::Clone(v, c, d)),
@@ -125,6 +131,23 @@ impl Harness {
                 })
                 .collect();
             assert_eq!(got, view, "{name} at {cp:?}");
+            // Block by block too: single-block reads take the point-lookup path.
+            for (b, want) in view.iter().enumerate() {
+                let one = match cp {
+                    None => self.s().volume(&name).unwrap().lookup(b as u64, 1).unwrap(),
+                    Some(id) => self
+                        .s()
+                        .checkpoint_reader(&name, CheckpointId(id))
+                        .unwrap()
+                        .lookup(b as u64, 1)
+                        .unwrap(),
+                };
+                let one = match one[0] {
+                    Mapping::Zero => None,
+                    Mapping::Data { phys: p, .. } => Some(token(p)),
+                };
+                assert_eq!(one, *want, "{name} at {cp:?}, block {b} read alone");
+            }
             for t in view.iter().flatten() {
                 assert!(
                     !self.released.contains(t),
@@ -209,6 +232,44 @@ impl Harness {
                     c
                 };
                 self.take(commit.released);
+            }
+            Op::Group(v, ref items) => {
+                let name = NAMES[v];
+                if !self.model.contains_key(name) {
+                    return;
+                }
+                let h = self.s().volume(name).unwrap();
+                let mut reqs: Vec<(u64, Vec<BlockUpdate>)> = Vec::new();
+                for &(lba, n, zero) in items {
+                    let n = n.min(BLOCKS - lba) as usize;
+                    let updates: Vec<BlockUpdate> = (0..n)
+                        .map(|_| {
+                            if zero {
+                                return BlockUpdate::Zero;
+                            }
+                            self.next_token += 1;
+                            self.written.insert(self.next_token);
+                            BlockUpdate::Data(phys(self.next_token), self.next_token as u32)
+                        })
+                        .collect();
+                    reqs.push((lba, updates));
+                }
+                let refs: Vec<(u64, &[BlockUpdate])> =
+                    reqs.iter().map(|(l, u)| (*l, u.as_slice())).collect();
+                let commits = h.commit_group(&refs).unwrap();
+                assert_eq!(commits.len(), reqs.len());
+                for c in commits {
+                    self.take(c.released);
+                }
+                let m = self.model.get_mut(name).unwrap();
+                for (lba, updates) in &reqs {
+                    for (i, u) in updates.iter().enumerate() {
+                        m.head[*lba as usize + i] = match u {
+                            BlockUpdate::Zero => None,
+                            BlockUpdate::Data(p, _) => Some(token(*p)),
+                        };
+                    }
+                }
             }
             Op::Checkpoint(v) => {
                 let name = NAMES[v];
