@@ -116,6 +116,9 @@ pub fn router(engine: Arc<Engine>, status: Arc<dyn Fn() -> Status + Send + Sync>
         .route("/v1/volumes/{name}", get(stat_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/clone", post(clone_volume))
         .route("/v1/volumes/{name}/flush", post(flush_volume))
+        .route("/v1/volumes/{name}/sync", post(sync_volume))
+        .route("/v1/import", post(import_volume))
+        .route("/v1/volumes/{name}/claim", post(claim_volume))
         .route(
             "/v1/volumes/{name}/checkpoints",
             get(list_checkpoints).post(create_checkpoint),
@@ -148,8 +151,48 @@ async fn list_volumes(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn create_volume(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let req: CreateVolume = parse_body(&body)?;
-    let v = s.engine.create_volume(&req.name, req.size_bytes)?;
+    let v = s
+        .engine
+        .create_volume_claimed(&req.name, req.size_bytes)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(v)).into_response())
+}
+
+async fn sync_volume(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let r = s.engine.sync_volume(&name).await?;
+    Ok(axum::Json(r).into_response())
+}
+
+async fn claim_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: Force = parse_body(&body)?;
+    let generation = s.engine.claim_volume(&name, req.force).await?;
+    Ok(axum::Json(json!({"name": name, "lease_generation": generation})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportVolume {
+    /// Name of the volume in the object store.
+    pub name: String,
+    /// Local name (default: the same).
+    #[serde(default, rename = "as")]
+    pub as_name: Option<String>,
+    /// Take the volume over from the daemon holding it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+async fn import_volume(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: ImportVolume = parse_body(&body)?;
+    let r = s
+        .engine
+        .import_volume(&req.name, req.as_name.as_deref(), req.force)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(r)).into_response())
 }
 
 async fn stat_volume(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {

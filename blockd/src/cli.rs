@@ -66,6 +66,15 @@ pub struct ServeArgs {
     /// Disable O_DIRECT for segment I/O.
     #[arg(long)]
     pub no_direct_io: bool,
+    /// Async worker threads (0 = half the CPUs).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Directory of the per-volume vhost-user-blk sockets (default <data-dir>/vhost).
+    #[arg(long)]
+    pub vhost_dir: Option<PathBuf>,
+    /// Do not serve volumes over vhost-user-blk.
+    #[arg(long)]
+    pub no_vhost: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +101,27 @@ pub enum VolumeCmd {
     },
     /// Make every acknowledged write durable now.
     Flush { name: String },
+    /// Upload the volume's data and a manifest to the object store (a barrier: when it
+    /// returns, a fresh host can open the volume from the bucket alone).
+    Sync { name: String },
+    /// Take a local volume's lease in the object store (--force: from the daemon holding it),
+    /// so this daemon may write it again.
+    Claim {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Open a volume from the object store (cold open: metadata only; data on demand).
+    Import {
+        /// Name of the volume in the object store.
+        name: String,
+        /// Local name (default: the same).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        /// Take the volume over from the daemon holding it (that daemon's writes stop).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +177,15 @@ impl Cli {
         }
         if a.no_direct_io {
             cfg.storage.direct_io = false;
+        }
+        if let Some(n) = a.worker_threads {
+            cfg.runtime.worker_threads = n;
+        }
+        if let Some(d) = &a.vhost_dir {
+            cfg.vhost.dir = Some(d.clone());
+        }
+        if a.no_vhost {
+            cfg.vhost.enabled = false;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -253,6 +292,52 @@ impl Cli {
                     .await?;
                     self.print(&json!({"deleted": name}), || {
                         println!("deleted volume {name}")
+                    });
+                }
+                VolumeCmd::Sync { name } => {
+                    let v = c
+                        .call("POST", &format!("/v1/volumes/{}/sync", esc(name)), None)
+                        .await?;
+                    self.print(&v, || {
+                        println!(
+                            "synced {name}: {} segment(s) uploaded, {} of {} map page(s) new, {} ms",
+                            v["segments_uploaded"], v["pages_uploaded"], v["pages"], v["duration_ms"]
+                        )
+                    });
+                }
+                VolumeCmd::Claim { name, force } => {
+                    let v = c
+                        .call(
+                            "POST",
+                            &format!("/v1/volumes/{}/claim", esc(name)),
+                            Some(json!({"force": force})),
+                        )
+                        .await?;
+                    self.print(&v, || {
+                        println!("{name}: lease generation {}", v["lease_generation"])
+                    });
+                }
+                VolumeCmd::Import {
+                    name,
+                    as_name,
+                    force,
+                } => {
+                    let v = c
+                        .call(
+                            "POST",
+                            "/v1/import",
+                            Some(json!({"name": name, "as": as_name, "force": force})),
+                        )
+                        .await?;
+                    self.print(&v, || {
+                        println!(
+                            "imported {} as {}: {} map entries, {} of metadata, {} ms",
+                            name,
+                            v["name"].as_str().unwrap_or(name),
+                            v["entries"],
+                            bytes(&v["metadata_bytes"]),
+                            v["duration_ms"]
+                        )
                     });
                 }
                 VolumeCmd::Flush { name } => {
@@ -383,6 +468,12 @@ fn print_stat(v: &Value) {
     );
     println!("held (owned)           {}", bytes(&v["owned_bytes"]));
     println!("local on disk          {}", bytes(&v["local_bytes"]));
+    println!("object store (stored)  {}", bytes(&v["stored_bytes"]));
+    println!(
+        "  head / checkpoints   {} / {}",
+        bytes(&v["stored_head_bytes"]),
+        bytes(&v["stored_checkpoint_only_bytes"])
+    );
     println!("checkpoints            {}", v["checkpoints"]);
     println!("attached clients       {}", v["attached_clients"]);
     if let Some(src) = v["cloned_from"].as_str() {

@@ -18,6 +18,9 @@ pub struct Config {
     pub nbd: NbdConfig,
     pub metrics: MetricsConfig,
     pub storage: StorageConfig,
+    pub runtime: RuntimeConfig,
+    pub object_store: ObjectStoreConfig,
+    pub vhost: VhostConfig,
     /// Log filter (`info`, `blockd=debug`, ...); `RUST_LOG` wins when set.
     pub log: String,
 }
@@ -38,6 +41,105 @@ pub struct NbdConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus `/metrics` endpoint; empty string disables it.
     pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VhostConfig {
+    /// Serve every volume over vhost-user-blk.
+    pub enabled: bool,
+    /// Directory of the per-volume sockets `<dir>/<volume>.sock` (default `<data_dir>/vhost`).
+    pub dir: Option<PathBuf>,
+    /// Virtqueues offered to each VM (QEMU's `num-queues` may be at most this).
+    pub num_queues: u16,
+    /// Logical block size the guest sees: 4096 (no read-modify-write in the engine) or 512
+    /// (for guests that need 512-byte sectors, e.g. legacy BIOS bootloaders).
+    pub logical_block_size: u32,
+}
+
+impl Default for VhostConfig {
+    fn default() -> Self {
+        VhostConfig {
+            enabled: true,
+            dir: None,
+            num_queues: 2,
+            logical_block_size: 4096,
+        }
+    }
+}
+
+/// The object-store tier (docs/object-tier.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectStoreConfig {
+    /// `file:///abs/dir`, `s3://bucket/prefix`, `memory://` (tests), or `none` for local
+    /// only. Default: `file://<data_dir>/objects`.
+    pub url: Option<String>,
+    /// S3-compatible endpoint (e.g. `http://127.0.0.1:9000`); AWS when unset.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Credentials; the `AWS_*` environment variables are used when unset.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Clean (uploaded) data kept on the local disk.
+    #[serde(deserialize_with = "deserialize_size")]
+    pub cache_size: u64,
+    /// Data not uploaded yet at which writes start waiting for the uploader.
+    #[serde(deserialize_with = "deserialize_size")]
+    pub dirty_limit: u64,
+    pub upload_concurrency: usize,
+    /// zstd level of uploaded chunks (1 = fastest).
+    pub compression_level: i32,
+    /// 64 KiB frames fetched ahead of sequential reads.
+    pub readahead_frames: u32,
+    /// Seconds an unreferenced object is kept before deletion.
+    pub gc_grace_secs: u64,
+    /// Seconds between checks that this daemon still holds its volumes' leases.
+    pub lease_check_secs: u64,
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        ObjectStoreConfig {
+            url: None,
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            allow_http: None,
+            cache_size: 8 << 30,
+            dirty_limit: 1 << 30,
+            upload_concurrency: 4,
+            compression_level: 1,
+            readahead_frames: 16,
+            gc_grace_secs: 3600,
+            lease_check_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Async worker threads serving requests; 0 = half the CPUs (at least 1). A request is
+    /// handled start to finish on one thread, so fewer threads mean fewer hand-offs; more
+    /// threads serve more concurrent volumes.
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    pub fn threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get() / 2)
+            .unwrap_or(1)
+            .max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +167,9 @@ impl Default for Config {
             nbd: NbdConfig::default(),
             metrics: MetricsConfig::default(),
             storage: StorageConfig::default(),
+            runtime: RuntimeConfig::default(),
+            vhost: VhostConfig::default(),
+            object_store: ObjectStoreConfig::default(),
             log: "info".into(),
         }
     }
@@ -84,7 +189,7 @@ impl Default for StorageConfig {
             segment_size: 64 << 20,
             direct_io: true,
             ring_entries: 256,
-            metadata_cache: 64 << 20,
+            metadata_cache: 256 << 20,
             max_read_depth: 4,
         }
     }
@@ -112,6 +217,22 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("nbd.sock"))
     }
 
+    pub fn vhost_dir(&self) -> PathBuf {
+        self.vhost
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("vhost"))
+    }
+
+    /// The vhost-user-blk device settings for each volume.
+    pub fn vhost_backend(&self) -> vhost_blk::BackendConfig {
+        vhost_blk::BackendConfig {
+            num_queues: self.vhost.num_queues,
+            logical_block_size: self.vhost.logical_block_size,
+            ..Default::default()
+        }
+    }
+
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
         if self.metrics.addr.trim().is_empty() {
             return Ok(None);
@@ -128,10 +249,10 @@ impl Config {
         let s = &self.storage;
         if s.segment_size < (1 << 20)
             || !s.segment_size.is_multiple_of(4096)
-            || s.segment_size > (1 << 34)
+            || s.segment_size > (1 << 28)
         {
             return Err(format!(
-                "storage.segment_size = {} must be a multiple of 4096 between 1M and 16G",
+                "storage.segment_size = {} must be a multiple of 4096 between 1M and 256M",
                 s.segment_size
             ));
         }
@@ -141,10 +262,46 @@ impl Config {
                 s.ring_entries
             ));
         }
+        if self.runtime.worker_threads > 1024 {
+            return Err("runtime.worker_threads must be at most 1024 (0 = automatic)".into());
+        }
+        if self.object_store_url().is_some() && s.segment_size > chunkstore::MAX_SEGMENT_BYTES {
+            return Err(format!(
+                "storage.segment_size must be at most {} with an object store",
+                chunkstore::MAX_SEGMENT_BYTES
+            ));
+        }
+        let o = &self.object_store;
+        if o.upload_concurrency == 0 || o.upload_concurrency > 256 {
+            return Err("object_store.upload_concurrency must be between 1 and 256".into());
+        }
+        if !(-7..=19).contains(&o.compression_level) {
+            return Err("object_store.compression_level must be between -7 and 19".into());
+        }
+        if o.dirty_limit < (16 << 20) {
+            return Err("object_store.dirty_limit must be at least 16M".into());
+        }
         if s.max_read_depth < 2 {
             return Err("storage.max_read_depth must be at least 2".into());
         }
         self.metrics_addr()?;
+        if !matches!(self.vhost.logical_block_size, 512 | 4096) {
+            return Err(format!(
+                "vhost.logical_block_size = {} must be 512 or 4096",
+                self.vhost.logical_block_size
+            ));
+        }
+        self.vhost_backend()
+            .validate()
+            .map_err(|e| format!("vhost: {e}"))?;
+        // The shortest volume name must fit: <dir>/<x>.sock.
+        let vhost_dir = self.vhost_dir();
+        if self.vhost.enabled && vhost_dir.as_os_str().len() + "/x.sock".len() >= 108 {
+            return Err(format!(
+                "vhost.dir {} is too long for unix sockets in it (max 100 bytes)",
+                vhost_dir.display()
+            ));
+        }
         for (what, p) in [
             ("admin socket", self.admin_socket()),
             ("nbd socket", self.nbd_socket()),
@@ -159,14 +316,61 @@ impl Config {
         Ok(())
     }
 
-    pub fn engine_config(&self) -> crate::EngineConfig {
+    /// The object store URL in effect (`None`: local only).
+    pub fn object_store_url(&self) -> Option<String> {
+        match self.object_store.url.as_deref().map(str::trim) {
+            Some("") | Some("none") => None,
+            Some(u) => Some(u.to_string()),
+            None => Some(format!(
+                "file://{}",
+                self.data_dir.join("objects").display()
+            )),
+        }
+    }
+
+    /// Opens the object store (makes no request yet).
+    pub fn remote_setup(&self) -> Result<Option<crate::objects::RemoteSetup>, String> {
+        let Some(url) = self.object_store_url() else {
+            return Ok(None);
+        };
+        let o = &self.object_store;
+        let rc = chunkstore::remote::RemoteConfig {
+            url,
+            endpoint: o.endpoint.clone(),
+            region: o.region.clone(),
+            access_key_id: o.access_key_id.clone(),
+            secret_access_key: o.secret_access_key.clone(),
+            session_token: o.session_token.clone(),
+            allow_http: o.allow_http,
+        };
+        let remote = rc
+            .open()
+            .map_err(|e| format!("object_store: {e}"))?
+            .ok_or_else(|| "object_store.url is empty".to_string())?;
+        Ok(Some(crate::objects::RemoteSetup {
+            remote,
+            tier: chunkstore::tier::TierConfig {
+                cache_bytes: o.cache_size,
+                dirty_limit: o.dirty_limit,
+                upload_concurrency: o.upload_concurrency,
+                zstd_level: o.compression_level,
+                readahead_frames: o.readahead_frames,
+                gc_grace: std::time::Duration::from_secs(o.gc_grace_secs),
+                attempts: 5,
+            },
+            lease_check: std::time::Duration::from_secs(o.lease_check_secs.max(1)),
+        }))
+    }
+
+    pub fn engine_config(&self) -> Result<crate::EngineConfig, String> {
         let mut e = crate::EngineConfig::new(&self.data_dir);
+        e.remote = self.remote_setup()?;
         e.local.segment_bytes = self.storage.segment_size;
         e.local.direct_io = self.storage.direct_io;
         e.local.ring_entries = self.storage.ring_entries;
         e.meta_cache_bytes = self.storage.metadata_cache as usize;
         e.max_read_depth = self.storage.max_read_depth;
-        e
+        Ok(e)
     }
 }
 

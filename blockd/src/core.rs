@@ -5,7 +5,7 @@
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::reclaim::Reclaimer;
-use chunkstore::{BlockAddr, LocalStore};
+use chunkstore::{ChunkId, LocalStore};
 use snapshotter::{Released, Snapshotter};
 use std::time::Instant;
 
@@ -16,12 +16,37 @@ pub struct Core {
     pub reclaim: Reclaimer,
     pub metrics: Metrics,
     pub last_flush: parking_lot::Mutex<Instant>,
+    pub flushes: FlushGate,
+    /// Volumes another daemon took over (lease lost): writes are refused.
+    pub fenced: parking_lot::RwLock<std::collections::HashSet<String>>,
+}
+
+/// Group flush: concurrent FLUSH/FUA requests share one sync, as long as that sync started
+/// after they were issued (so it covers every write they must make durable).
+#[derive(Debug, Default)]
+pub struct FlushGate {
+    requested: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl Core {
     /// Makes every completed write durable: segment data first, then the map entries
     /// pointing at it. Releases recorded before the flush started become reclaimable.
     pub async fn flush(&self) -> Result<(), EngineError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.flushes.requested.fetch_add(1, SeqCst) + 1;
+        let _serial = self.flushes.lock.lock().await;
+        if self.flushes.done.load(SeqCst) >= ticket {
+            return Ok(()); // a sync that started after this call already completed
+        }
+        let target = self.flushes.requested.load(SeqCst);
+        self.flush_now().await?;
+        self.flushes.done.fetch_max(target, SeqCst);
+        Ok(())
+    }
+
+    async fn flush_now(&self) -> Result<(), EngineError> {
         let captured = self.reclaim.capture();
         let r = async {
             self.local.sync().await?;
@@ -46,33 +71,50 @@ impl Core {
         }
     }
 
-    /// Punches released blocks and deletes released segments whose releases are durable
-    /// and no longer read.
+    /// Punches released blocks and chunks, and deletes segments none of whose chunks is
+    /// referenced, once their release is durable and no longer read.
     pub async fn reclaim_ready(&self) {
         let Released {
             blocks,
             empty_groups,
         } = self.reclaim.ready();
         if !blocks.is_empty() {
-            let addrs = blocks
-                .into_iter()
-                .map(|p| BlockAddr {
-                    segment: p.group,
-                    block: p.index,
-                })
-                .collect();
-            if let Err(e) = self.local.punch(addrs).await {
-                tracing::warn!("punching released blocks failed (space stays allocated): {e}");
+            let addrs = blocks.into_iter().map(crate::volume::block_addr).collect();
+            if let Err(e) = self.local.release(addrs).await {
+                tracing::warn!("releasing blocks failed (their space stays allocated): {e}");
             }
         }
+        let mut segments: Vec<u64> = Vec::new();
         for g in empty_groups {
-            if self.local.is_idle(g) && self.snap.group_ref(g) == 0 {
-                match self.local.remove_segment(g) {
-                    Ok(_) => tracing::debug!(segment = g, "removed empty segment"),
-                    Err(e) => tracing::warn!(segment = g, "removing empty segment failed: {e}"),
+            let chunk = ChunkId(g);
+            if self.snap.group_ref(g) != 0 {
+                continue; // referenced again (the chunk was still being written)
+            }
+            if let Err(e) = self.local.release_chunk(chunk).await {
+                tracing::warn!(chunk = g, "releasing a chunk failed: {e}");
+            }
+            if let Some(tier) = self.local.tier()
+                && let Err(e) = tier.release_chunk(chunk)
+            {
+                tracing::warn!(chunk = g, "releasing a chunk's object failed: {e}");
+            }
+            segments.push(chunk.segment());
+        }
+        segments.sort_unstable();
+        segments.dedup();
+        for seg in segments {
+            if self.local.is_idle(seg) && self.segment_unreferenced(seg) {
+                match self.local.remove_segment(seg) {
+                    Ok(_) => tracing::debug!(segment = seg, "removed empty segment"),
+                    Err(e) => tracing::warn!(segment = seg, "removing empty segment failed: {e}"),
                 }
             }
         }
+    }
+
+    /// No chunk of the segment holds a referenced block.
+    fn segment_unreferenced(&self, seg: u64) -> bool {
+        (0..self.local.chunks_per_segment() as u64).all(|k| self.snap.group_ref(seg << 8 | k) == 0)
     }
 
     /// Segments that became idle with no references left go through the same durability
@@ -81,7 +123,8 @@ impl Core {
         let idle = self.local.take_idle();
         let empty: Vec<u64> = idle
             .into_iter()
-            .filter(|g| self.snap.group_ref(*g) == 0)
+            .filter(|s| self.segment_unreferenced(*s))
+            .map(|s| s << 8)
             .collect();
         if !empty.is_empty() {
             self.reclaim.released(Released {

@@ -7,6 +7,13 @@
 //! which cancels the attachments' session (front ends close those connections), waits for
 //! them to go, flushes, and then proceeds. Checkpoint create and clone never need clients
 //! to leave: the checkpoint covers every write acknowledged before the request.
+//!
+//! Attach modes (docs/blockd.md, "Attachments"): NBD connections attach
+//! [`AttachMode::Shared`] (any number at once: multi-conn), a VM over vhost-user attaches
+//! [`AttachMode::Exclusive`] (the only attachment of the volume). An exclusive attachment is
+//! refused while any other exists, and every attachment is refused while an exclusive one
+//! exists, so an NBD client and a VM never write (or read a half-written view of) the same
+//! volume at once.
 
 use crate::core::Core;
 use crate::error::EngineError;
@@ -32,6 +39,8 @@ pub struct EngineConfig {
     pub max_read_depth: usize,
     /// How long a forced restore/delete waits for attached clients to disconnect.
     pub detach_timeout: Duration,
+    /// The object-store tier (none: local only).
+    pub remote: Option<crate::objects::RemoteSetup>,
 }
 
 impl EngineConfig {
@@ -39,9 +48,10 @@ impl EngineConfig {
         EngineConfig {
             data_dir: data_dir.to_path_buf(),
             local: LocalConfig::default(),
-            meta_cache_bytes: 64 << 20,
+            meta_cache_bytes: 256 << 20,
             max_read_depth: 4,
             detach_timeout: Duration::from_secs(30),
+            remote: None,
         }
     }
 }
@@ -55,6 +65,9 @@ pub struct VolumeStat {
     pub local_bytes: u64,
     /// Front-end connections attached right now.
     pub attached_clients: usize,
+    /// Object-store billing (zeros without an object store).
+    #[serde(flatten)]
+    pub stored: crate::objects::StoredBytes,
 }
 
 /// A checkpoint operation's result with the time it took inside the daemon.
@@ -69,6 +82,10 @@ pub struct Timed<T> {
 struct Slot {
     volume: Arc<Volume>,
     clients: AtomicUsize,
+    /// An exclusive (vhost-user) attachment holds the volume. Changed with `attach_lock`.
+    exclusive: AtomicBool,
+    /// Serializes attach/detach decisions with each other and with `exclusive()`.
+    attach_lock: Mutex<()>,
     session: Mutex<CancellationToken>,
     transitioning: AtomicBool,
     detached: tokio::sync::Notify,
@@ -78,14 +95,38 @@ struct Slot {
 #[derive(Debug)]
 pub struct AttachGuard {
     slot: Arc<Slot>,
+    mode: AttachMode,
 }
 
 impl Drop for AttachGuard {
     fn drop(&mut self) {
+        let _l = self.slot.attach_lock.lock();
+        if self.mode == AttachMode::Exclusive {
+            self.slot.exclusive.store(false, Ordering::Release);
+        }
         self.slot.clients.fetch_sub(1, Ordering::AcqRel);
         self.slot.detached.notify_waiters();
     }
 }
+
+/// How a front end holds a volume (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// NBD connections: any number at once, none while an exclusive attachment exists.
+    Shared,
+    /// A VM over vhost-user: the volume's only attachment.
+    Exclusive,
+}
+
+/// What happened to a volume, for [`Engine::on_volume_event`] observers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeEvent {
+    /// Created or cloned.
+    Created,
+    Deleted,
+}
+
+type VolumeHook = Box<dyn Fn(&str, VolumeEvent) + Send + Sync>;
 
 #[derive(Debug)]
 pub struct Attached {
@@ -95,11 +136,22 @@ pub struct Attached {
     pub guard: AttachGuard,
 }
 
-#[derive(Debug)]
 pub struct Engine {
     pub core: Arc<Core>,
+    pub(crate) objects: Option<crate::objects::Objects>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     cfg: EngineConfig,
+    hooks: parking_lot::RwLock<Vec<VolumeHook>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("core", &self.core)
+            .field("slots", &self.slots)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Engine {
@@ -120,25 +172,34 @@ impl Engine {
         let local = LocalStore::open(&cfg.data_dir.join("segments"), cfg.local.clone())?;
         // Segments nothing references (appends that never committed before a crash, or
         // emptied ones whose deletion was interrupted) go now; the database is durable.
-        let refs = snap.group_refs();
+        let live: std::collections::HashSet<u64> =
+            snap.group_refs().keys().map(|chunk| chunk >> 8).collect();
         for id in local.segment_ids() {
-            if !refs.contains_key(&id) {
+            if !live.contains(&id) {
                 local.remove_segment(id)?;
             }
         }
         local.take_idle();
         local.trim_tails();
+        let objects = match cfg.remote.clone() {
+            Some(setup) => Some(crate::objects::Objects::open(setup, &cfg.data_dir, &local)?),
+            None => None,
+        };
         let core = Arc::new(Core {
             snap,
             local,
             reclaim: Reclaimer::default(),
             metrics: Metrics::default(),
             last_flush: Mutex::new(Instant::now()),
+            flushes: Default::default(),
+            fenced: Default::default(),
         });
         Ok(Arc::new(Engine {
             core,
+            objects,
             slots: Mutex::new(HashMap::new()),
             cfg,
+            hooks: parking_lot::RwLock::new(Vec::new()),
         }))
     }
 
@@ -162,6 +223,8 @@ impl Engine {
         let slot = Arc::new(Slot {
             volume: Arc::new(Volume::new(self.core.clone(), handle, false)),
             clients: AtomicUsize::new(0),
+            exclusive: AtomicBool::new(false),
+            attach_lock: Mutex::new(()),
             session: Mutex::new(CancellationToken::new()),
             transitioning: AtomicBool::new(false),
             detached: tokio::sync::Notify::new(),
@@ -175,19 +238,72 @@ impl Engine {
         Ok(self.slot(name)?.volume.clone())
     }
 
-    /// Attaches a front-end connection to a volume.
+    /// Attaches an NBD connection to a volume ([`AttachMode::Shared`]).
     pub fn attach(&self, name: &str) -> Result<Attached, EngineError> {
+        self.attach_mode(name, AttachMode::Shared)
+    }
+
+    /// Attaches a front-end connection to a volume, refusing what the attach rule forbids
+    /// (see the module doc) with [`EngineError::AttachConflict`].
+    pub fn attach_mode(&self, name: &str, mode: AttachMode) -> Result<Attached, EngineError> {
         let slot = self.slot(name)?;
+        let _l = slot.attach_lock.lock();
         if slot.transitioning.load(Ordering::Acquire) {
             return Err(EngineError::Transitioning(name.to_string()));
+        }
+        let clients = slot.clients.load(Ordering::Acquire);
+        let vm = slot.exclusive.load(Ordering::Acquire);
+        let conflict = |holder: String, hint: &str| EngineError::AttachConflict {
+            name: name.to_string(),
+            holder,
+            hint: hint.to_string(),
+        };
+        match mode {
+            AttachMode::Shared if vm => {
+                return Err(conflict(
+                    "a VM over vhost-user, which has exclusive access".into(),
+                    "stop the VM first, or read a checkpoint through a clone (volume clone NAME@CHECKPOINT NEW)",
+                ));
+            }
+            AttachMode::Exclusive if vm => {
+                return Err(conflict(
+                    "another VM over vhost-user".into(),
+                    "a volume serves one VM at a time",
+                ));
+            }
+            AttachMode::Exclusive if clients > 0 => {
+                return Err(conflict(
+                    format!("{clients} NBD connection(s)"),
+                    "a VM needs exclusive access: disconnect them first",
+                ));
+            }
+            _ => {}
+        }
+        if mode == AttachMode::Exclusive {
+            slot.exclusive.store(true, Ordering::Release);
         }
         slot.clients.fetch_add(1, Ordering::AcqRel);
         let session = slot.session.lock().clone();
         Ok(Attached {
             volume: slot.volume.clone(),
             session,
-            guard: AttachGuard { slot },
+            guard: AttachGuard {
+                slot: slot.clone(),
+                mode,
+            },
         })
+    }
+
+    /// Registers an observer of volume creation and deletion (called synchronously after
+    /// the change is committed; the vhost-user server creates and removes sockets).
+    pub fn on_volume_event(&self, hook: impl Fn(&str, VolumeEvent) + Send + Sync + 'static) {
+        self.hooks.write().push(Box::new(hook));
+    }
+
+    pub(crate) fn volume_event(&self, name: &str, event: VolumeEvent) {
+        for h in self.hooks.read().iter() {
+            h(name, event);
+        }
     }
 
     pub fn attached_clients(&self, name: &str) -> usize {
@@ -199,6 +315,7 @@ impl Engine {
 
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeStat, EngineError> {
         let info = self.core.snap.create_volume(name, size_bytes)?;
+        self.volume_event(name, VolumeEvent::Created);
         Ok(self.stat_of(info))
     }
 
@@ -217,8 +334,9 @@ impl Engine {
 
     fn stat_of(&self, info: VolumeInfo) -> VolumeStat {
         VolumeStat {
-            local_bytes: info.owned_bytes,
+            local_bytes: self.core.local.stream_allocated_bytes(info.stream),
             attached_clients: self.attached_clients(&info.name),
+            stored: self.stored_bytes(&info),
             info,
         }
     }
@@ -232,8 +350,11 @@ impl Engine {
         f: impl FnOnce() -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         let slot = self.slot(name)?;
-        if slot.transitioning.swap(true, Ordering::AcqRel) {
-            return Err(EngineError::Transitioning(name.to_string()));
+        {
+            let _l = slot.attach_lock.lock();
+            if slot.transitioning.swap(true, Ordering::AcqRel) {
+                return Err(EngineError::Transitioning(name.to_string()));
+            }
         }
         let r = async {
             let clients = slot.clients.load(Ordering::Acquire);
@@ -275,10 +396,15 @@ impl Engine {
     pub async fn delete_volume(&self, name: &str, force: bool) -> Result<(), EngineError> {
         let t0 = Instant::now();
         let snap = self.core.snap.clone();
+        let stream = snap.stat(name)?.stream;
         self.exclusive(name, force, || Ok(snap.delete_volume(name)?))
             .await?;
+        // Its active segment takes no more writes: seal it so it can go once empty.
+        self.core.local.seal_stream(stream);
+        self.forget_remote_volume(name).await?;
         self.slots.lock().remove(name);
         self.core.metrics.forget_volume(name);
+        self.volume_event(name, VolumeEvent::Deleted);
         self.core
             .metrics
             .observe_admin("volume_delete", t0.elapsed());
@@ -294,6 +420,7 @@ impl Engine {
         let t0 = Instant::now();
         let info = self.core.snap.clone_volume(name, checkpoint, new_name)?;
         let took = t0.elapsed();
+        self.volume_event(new_name, VolumeEvent::Created);
         self.core.metrics.observe_admin("clone", took);
         Ok(Timed {
             value: self.stat_of(info),
@@ -387,6 +514,7 @@ impl Engine {
             self.core.flush().await?;
         }
         self.core.reclaim_ready().await;
+        self.objects_round().await?;
         Ok(())
     }
 

@@ -13,10 +13,20 @@ pub enum EngineError {
         "volume {name:?} is in use by {clients} client(s); disconnect them first or pass --force (which disconnects them)"
     )]
     Busy { name: String, clients: usize },
+    #[error("volume {name:?} is attached by {holder}; {hint}")]
+    AttachConflict {
+        name: String,
+        holder: String,
+        hint: String,
+    },
     #[error("volume {0:?} is being restored or deleted; try again")]
     Transitioning(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
+    #[error("object store: {0}")]
+    Remote(String),
+    #[error("{0}")]
+    Fenced(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -29,6 +39,8 @@ pub enum ErrorCode {
     AlreadyExists,
     InvalidArgument,
     Busy,
+    /// The object store failed or is unreachable (retry later).
+    Unavailable,
     Internal,
 }
 
@@ -39,6 +51,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => 409,
             ErrorCode::Busy => 409,
             ErrorCode::InvalidArgument => 400,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
     }
@@ -51,6 +64,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => 4,
             ErrorCode::Busy => 5,
             ErrorCode::InvalidArgument => 6,
+            ErrorCode::Unavailable => 8,
         }
     }
 }
@@ -66,7 +80,14 @@ impl EngineError {
             EngineError::Meta(M::InvalidName(_) | M::InvalidSize(_)) | EngineError::Invalid(_) => {
                 ErrorCode::InvalidArgument
             }
-            EngineError::Busy { .. } | EngineError::Transitioning(_) => ErrorCode::Busy,
+            EngineError::Busy { .. }
+            | EngineError::Transitioning(_)
+            | EngineError::AttachConflict { .. }
+            | EngineError::Fenced(_) => ErrorCode::Busy,
+            EngineError::Remote(_)
+            | EngineError::Data(chunkstore::Error::Remote(_))
+            | EngineError::Data(chunkstore::Error::ObjectNotFound(_))
+            | EngineError::Data(chunkstore::Error::ObjectExists(_)) => ErrorCode::Unavailable,
             EngineError::Data(chunkstore::Error::Invalid(_)) => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
         }

@@ -1,5 +1,5 @@
 //! The block daemon: composes `snapshotter` (metadata) and `chunkstore` (data) into
-//! [`Volume`]s and serves them over NBD (and vhost-user-blk), with an admin API on a unix
+//! [`Volume`]s and serves them over NBD and vhost-user-blk, with an admin API on a unix
 //! socket, an operator CLI, and Prometheus metrics.
 
 pub mod admin;
@@ -9,13 +9,17 @@ pub mod config;
 pub mod core;
 pub mod engine;
 pub mod error;
+pub mod manifest;
 pub mod metrics;
 pub mod nbd;
+pub mod objects;
 pub mod reclaim;
 pub mod serve;
 pub mod size;
+pub mod vhost;
 pub mod volume;
+mod writer;
 
-pub use engine::{Attached, Engine, EngineConfig, VolumeStat};
+pub use engine::{AttachMode, Attached, Engine, EngineConfig, VolumeEvent, VolumeStat};
 pub use error::{EngineError, ErrorCode};
 pub use volume::Volume;

@@ -29,9 +29,10 @@ fn install_failpoint_abort() {
     }));
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("blockd-worker")
         .enable_all()
         .build()
     {
@@ -40,8 +41,12 @@ fn main() {
             eprintln!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
-    };
-    let code = match &cli.cmd {
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let (code, rt) = match &cli.cmd {
         Command::Serve(args) => {
             let cfg = match cli.config_for_serve(args) {
                 Ok(c) => c,
@@ -53,15 +58,20 @@ fn main() {
             init_logging(&cfg.log);
             install_failpoint_abort();
             let _scenario = fail::FailScenario::setup();
-            match rt.block_on(blockd::serve::serve(cfg)) {
+            let rt = runtime(cfg.runtime.threads());
+            let code = match rt.block_on(blockd::serve::serve(cfg)) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     1
                 }
-            }
+            };
+            (code, rt)
         }
-        _ => rt.block_on(cli.run_admin()),
+        _ => {
+            let rt = runtime(1);
+            (rt.block_on(cli.run_admin()), rt)
+        }
     };
     drop(rt);
     std::process::exit(code);

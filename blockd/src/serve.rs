@@ -9,6 +9,7 @@ use crate::engine::Engine;
 use crate::error::ErrorCode;
 use crate::metrics::StateCollector;
 use crate::nbd::{AttachError, Attachment, Exports, NbdServer};
+use crate::vhost::{VhostCollector, VhostServer};
 use crate::volume::Volume;
 use anyhow::{Context, bail};
 use prometheus_client::registry::Registry;
@@ -27,6 +28,15 @@ impl Exports for EngineExports {
     type Device = Volume;
 
     async fn attach(&self, name: &str) -> Result<Attachment<Volume>, AttachError> {
+        // Open on demand: a volume only the object store has is imported first.
+        if self.engine.snapshotter().stat(name).is_err()
+            && matches!(self.engine.remote_volume_exists(name).await, Ok(true))
+        {
+            match self.engine.import_volume(name, None, false).await {
+                Ok(r) => tracing::info!(volume = name, ms = r.duration_ms, "imported on demand"),
+                Err(e) => return Err(AttachError::Unavailable(e.to_string())),
+            }
+        }
         match self.engine.attach(name) {
             Ok(a) => Ok(Attachment {
                 device: a.volume,
@@ -106,7 +116,10 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let engine = Engine::open(cfg.engine_config()).context("opening the engine")?;
+    let engine = Engine::open(cfg.engine_config().map_err(anyhow::Error::msg)?)
+        .context("opening the engine")?;
+    // Volumes of this host take their leases back (a daemon that lost one refuses writes).
+    engine.reclaim_leases().await;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -132,8 +145,27 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tasks.spawn(async move { nbd.serve_tcp(l, s).await });
     }
 
+    // vhost-user-blk: a socket per volume (docs/blockd.md, "vhost-user-blk").
+    let vhost = if cfg.vhost.enabled {
+        let v = VhostServer::start(
+            engine.clone(),
+            &cfg.vhost_dir(),
+            cfg.vhost_backend(),
+            shutdown.clone(),
+        )
+        .context("starting the vhost-user-blk server")?;
+        let w = v.clone();
+        tasks.spawn(async move { w.wait().await });
+        Some(v)
+    } else {
+        None
+    };
+
     let mut registry = Registry::default();
     engine.core.metrics.register(&mut registry);
+    if let Some(v) = &vhost {
+        registry.register_collector(Box::new(VhostCollector { stats: v.stats() }));
+    }
     registry.register_collector(Box::new(StateCollector {
         engine: Arc::downgrade(&engine),
         nbd: nbd.stats(),
@@ -227,6 +259,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         data_dir = %cfg.data_dir.display(),
         admin = %admin_path.display(),
         nbd = %nbd_path.display(),
+        vhost = ?vhost.as_ref().map(|v| v.dir().display().to_string()),
         metrics = ?metrics_bound,
         "blockd ready"
     );

@@ -12,6 +12,7 @@
 
 use crate::core::Core;
 use crate::metrics::{Op, VolumeCounters};
+use crate::writer::WriteQueue;
 use chunkstore::{AlignedBuf, BLOCK_SIZE, ReadReq};
 use snapshotter::{BlockUpdate, Mapping, PhysBlock, VolumeHandle};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub struct Volume {
     read_only: bool,
     rmw: Vec<tokio::sync::Mutex<()>>,
     counters: VolumeCounters,
+    queue: WriteQueue,
 }
 
 pub(crate) fn to_device_error(e: impl Into<crate::error::EngineError>) -> DeviceError {
@@ -44,6 +46,7 @@ impl Volume {
         Volume {
             size_bytes: handle.size_bytes(),
             counters: core.metrics.volume(handle.name()),
+            queue: WriteQueue::default(),
             core,
             handle,
             read_only,
@@ -71,6 +74,10 @@ impl Volume {
         if write && self.read_only {
             return Err(DeviceError::ReadOnly);
         }
+        if write && self.core.fenced.read().contains(self.name()) {
+            // Another daemon took the volume over: this one must not write it any more.
+            return Err(DeviceError::ReadOnly);
+        }
         check_range(offset, len, self.size_bytes)
     }
 
@@ -94,24 +101,29 @@ impl Volume {
                 continue;
             };
             expected[i] = crc;
+            let addr = block_addr(phys);
             if let Some(last) = reqs.last_mut()
-                && last.addr.segment == phys.group
-                && last.addr.block + last.blocks == phys.index
+                && last.addr.segment == addr.segment
+                && last.addr.block + last.blocks == addr.block
                 && last.out_block + last.blocks as usize == i
             {
                 last.blocks += 1;
                 continue;
             }
             reqs.push(ReadReq {
-                addr: chunkstore::BlockAddr {
-                    segment: phys.group,
-                    block: phys.index,
-                },
+                addr,
                 blocks: 1,
                 out_block: i,
             });
         }
-        let out = AlignedBuf::zeroed(n * BLOCK_SIZE);
+        // Every block is either read from disk or zero-filled here, so a recycled buffer
+        // never shows earlier contents.
+        let mut out = AlignedBuf::for_overwrite(n * BLOCK_SIZE);
+        for (i, m) in maps.iter().enumerate() {
+            if matches!(m, Mapping::Zero) {
+                out.zero_range(i * BLOCK_SIZE, BLOCK_SIZE);
+            }
+        }
         if reqs.is_empty() {
             return Ok(out);
         }
@@ -123,60 +135,87 @@ impl Volume {
         Ok(out)
     }
 
-    /// Stores whole blocks at `lba0`: all-zero blocks are recorded as unmapped (they cost
-    /// nothing and read back as zeros), the rest are appended; one commit for all.
+    /// Stores whole blocks at `lba0` through the write pipeline (grouped with concurrent
+    /// writes of this volume).
     async fn write_blocks(&self, lba0: u64, buf: AlignedBuf) -> Result<(), DeviceError> {
-        let n = buf.len() / BLOCK_SIZE;
-        let zero: Vec<bool> = buf.as_slice().chunks(BLOCK_SIZE).map(is_zero).collect();
-        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, z) in zero.iter().enumerate() {
-            if *z {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some(r) if r.end == i => r.end = i + 1,
-                _ => ranges.push(i..i + 1),
-            }
-        }
-        let appended = if ranges.is_empty() {
-            None
-        } else {
-            Some(
-                self.core
-                    .local
-                    .append_ranges(Arc::new(buf), &ranges)
-                    .await
-                    .map_err(to_device_error)?,
+        self.queue
+            .write(
+                lba0,
+                buf,
+                |items| self.stage_group(items),
+                |staged| self.commit_group(staged),
             )
+            .await
+    }
+
+    /// Writes one group's data: all-zero blocks are not stored (they are recorded as
+    /// unmapped: they cost nothing and read back as zeros), the rest is appended together.
+    async fn stage_group(&self, items: Vec<(u64, AlignedBuf)>) -> Result<Staged, DeviceError> {
+        let mut to_append = Vec::new();
+        let mut plans: Vec<(u64, Vec<bool>, Option<usize>)> = Vec::with_capacity(items.len());
+        for (lba0, buf) in items {
+            let zero: Vec<bool> = buf.as_slice().chunks(BLOCK_SIZE).map(is_zero).collect();
+            let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+            for (i, z) in zero.iter().enumerate() {
+                if *z {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some(r) if r.end == i => r.end = i + 1,
+                    _ => ranges.push(i..i + 1),
+                }
+            }
+            let slot = (!ranges.is_empty()).then(|| {
+                to_append.push((Arc::new(buf), ranges));
+                to_append.len() - 1
+            });
+            plans.push((lba0, zero, slot));
+        }
+        let appended = if to_append.is_empty() {
+            Vec::new()
+        } else {
+            self.core
+                .local
+                .append_many(self.handle.stream(), to_append)
+                .await
+                .map_err(to_device_error)?
         };
-        let mut data = appended
+        Ok(Staged { plans, appended })
+    }
+
+    /// Records one staged group's map changes in one batch.
+    fn commit_group(&self, staged: Staged) -> Vec<Result<(), DeviceError>> {
+        let Staged { plans, appended } = staged;
+        let n = plans.len();
+        let updates: Vec<(u64, Vec<BlockUpdate>)> = plans
             .iter()
-            .flat_map(|a| a.addrs().zip(a.crcs.iter().copied()));
-        let updates: Vec<BlockUpdate> = (0..n)
-            .map(|i| {
-                if zero[i] {
-                    return BlockUpdate::Zero;
-                }
-                match data.next() {
-                    Some((a, crc)) => BlockUpdate::Data(
-                        PhysBlock {
-                            group: a.segment,
-                            index: a.block,
-                        },
-                        crc,
-                    ),
-                    None => BlockUpdate::Zero, // unreachable: one address per non-zero block
-                }
+            .map(|(lba0, zero, slot)| {
+                let mut data = slot
+                    .map(|i| &appended[i])
+                    .into_iter()
+                    .flat_map(|a| a.addrs().zip(a.crcs.iter().copied()));
+                let u = zero
+                    .iter()
+                    .map(|z| match (z, if *z { None } else { data.next() }) {
+                        (false, Some((a, crc))) => BlockUpdate::Data(phys_block(a), crc),
+                        _ => BlockUpdate::Zero,
+                    })
+                    .collect();
+                (*lba0, u)
             })
             .collect();
-        drop(data);
-        let commit = self
-            .handle
-            .commit_blocks(lba0, &updates)
-            .map_err(to_device_error)?;
-        self.core.reclaim.released(commit.released);
-        drop(appended);
-        Ok(())
+        let refs: Vec<(u64, &[BlockUpdate])> =
+            updates.iter().map(|(l, u)| (*l, u.as_slice())).collect();
+        match self.handle.commit_group(&refs) {
+            Ok(commits) => {
+                for c in commits {
+                    self.core.reclaim.released(c.released);
+                }
+                drop(appended); // the blocks are referenced now: segments may seal and go idle
+                vec![Ok(()); n]
+            }
+            Err(e) => vec![Err(to_device_error(e)); n],
+        }
     }
 
     /// Locks the stripes of the given blocks (ascending, deduplicated).
@@ -270,7 +309,8 @@ impl BlockDevice for Volume {
     }
 
     fn alloc_buf(&self, len: usize) -> AlignedBuf {
-        AlignedBuf::zeroed(len)
+        // The caller overwrites every byte (trait contract); skip zeroing recycled memory.
+        AlignedBuf::for_overwrite(len)
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, DeviceError> {
@@ -374,6 +414,27 @@ impl BlockDevice for Volume {
         }
         Ok(out)
     }
+}
+
+/// The block map's address of a stored block: the reference-counted group is the block's
+/// 1 MiB chunk, so a chunk nothing references can be released as a whole.
+pub(crate) fn phys_block(a: chunkstore::BlockAddr) -> PhysBlock {
+    let (chunk, index) = a.chunk();
+    PhysBlock {
+        group: chunk.0,
+        index,
+    }
+}
+
+pub(crate) fn block_addr(p: PhysBlock) -> chunkstore::BlockAddr {
+    chunkstore::ChunkId(p.group).block(p.index)
+}
+
+/// A group's written data, waiting for its commit turn.
+struct Staged {
+    /// Per request: first block, which blocks are zero, index into `appended`.
+    plans: Vec<(u64, Vec<bool>, Option<usize>)>,
+    appended: Vec<chunkstore::Appended>,
 }
 
 /// Is this block all zeros? (Word-at-a-time; blocks are 4 KiB-aligned.)

@@ -47,12 +47,13 @@ fn kill9_under_fua_writes_keeps_every_acknowledged_write() {
     let mut model = vec![0u8; BLOCKS];
     let mut rng = rand::rng();
     for cycle in 0..cycles {
-        // A sequence of FUA writes; qemu-io runs them one at a time.
-        let writes: Vec<(usize, usize, u8)> = (0..400)
+        // A sequence of FUA writes; qemu-io runs them one at a time. Far more than fit in
+        // the time before the kill, so it always lands mid-stream.
+        let writes: Vec<(usize, usize, u8)> = (0..4000)
             .map(|i| {
                 let start = rng.random_range(0..BLOCKS - 64);
                 let len = rng.random_range(1..=64);
-                let pat = ((cycle * 400 + i) % 254 + 1) as u8;
+                let pat = ((cycle * 4000 + i) % 254 + 1) as u8;
                 (start, start + len, pat)
             })
             .collect();

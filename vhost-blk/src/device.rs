@@ -70,7 +70,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Identifier shown to clients (virtio-blk GET_ID, NBD export description).
     fn id(&self) -> String;
 
-    /// A zero-filled buffer of `len` bytes suitable for `write`.
+    /// A buffer of `len` bytes suitable for `write`. Its contents are unspecified (it may be
+    /// recycled): the caller fills all of it before writing.
     fn alloc_buf(&self, len: usize) -> Self::Buf;
 
     /// Reads `len` bytes at `offset`.
