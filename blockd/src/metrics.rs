@@ -230,6 +230,170 @@ mod state {
         ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
     }
 
+    /// The object store's request metrics and the tier's cache/upload state.
+    fn encode_object_tier(
+        e: &mut DescriptorEncoder,
+        o: &crate::objects::Objects,
+        dirty_bytes: u64,
+    ) -> std::fmt::Result {
+        let m = o.store_metrics.snapshot();
+        {
+            let mut fam = e.encode_descriptor(
+                "chunkstore_object_requests",
+                "Object-store requests by operation",
+                None,
+                MetricType::Counter,
+            )?;
+            for op in &m.ops {
+                ConstCounter::new(op.requests)
+                    .encode(fam.encode_family(&[("op", op.op.as_str())])?)?;
+            }
+        }
+        {
+            let mut fam = e.encode_descriptor(
+                "chunkstore_object_request_errors",
+                "Object-store requests that failed (each attempt of a retried request counts)",
+                None,
+                MetricType::Counter,
+            )?;
+            for op in &m.ops {
+                ConstCounter::new(op.errors)
+                    .encode(fam.encode_family(&[("op", op.op.as_str())])?)?;
+            }
+        }
+        {
+            let mut fam = e.encode_descriptor(
+                "chunkstore_object_request_seconds",
+                "Object-store request latency (to the response head for GETs)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for op in &m.ops {
+                let buckets: Vec<(f64, u64)> = chunkstore::remote::LATENCY_BUCKETS_SECONDS
+                    .iter()
+                    .copied()
+                    .chain([f64::INFINITY])
+                    .zip(op.latency.counts.iter().copied())
+                    .collect();
+                fam.encode_family(&[("op", op.op.as_str())])?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    op.latency.sum_seconds,
+                    op.latency.count,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        {
+            let mut fam = e.encode_descriptor(
+                "chunkstore_object_bytes",
+                "Bytes read from (in) and written to (out) the object store",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(m.bytes_in).encode(fam.encode_family(&[("direction", "in")])?)?;
+            ConstCounter::new(m.bytes_out).encode(fam.encode_family(&[("direction", "out")])?)?;
+        }
+        let t = &o.tier.stats;
+        let counters: [(&str, &str, u64); 11] = [
+            (
+                "chunkstore_uploaded_chunks",
+                "Chunk objects uploaded",
+                t.uploaded_chunks.load(Relaxed),
+            ),
+            (
+                "chunkstore_uploaded_bytes",
+                "Compressed bytes of the chunk objects uploaded",
+                t.uploaded_bytes.load(Relaxed),
+            ),
+            (
+                "chunkstore_dedup_chunks",
+                "Chunks not uploaded because an identical object was already stored",
+                t.dedup_chunks.load(Relaxed),
+            ),
+            (
+                "chunkstore_fetches",
+                "Ranged GETs that paged data into the cache",
+                t.fetches.load(Relaxed),
+            ),
+            (
+                "chunkstore_fetched_bytes",
+                "Compressed bytes paged in from the object store",
+                t.fetched_bytes.load(Relaxed),
+            ),
+            (
+                "chunkstore_cache_hits",
+                "Reads of uploaded segments served from the local cache",
+                t.cache_hits.load(Relaxed),
+            ),
+            (
+                "chunkstore_cache_misses",
+                "Reads of uploaded segments that had to fetch from the object store",
+                t.cache_misses.load(Relaxed),
+            ),
+            (
+                "chunkstore_cache_evictions",
+                "Segments evicted from (chunks of)",
+                t.evictions.load(Relaxed),
+            ),
+            (
+                "chunkstore_cache_evicted_bytes",
+                "Clean bytes evicted from the local cache",
+                t.evicted_bytes.load(Relaxed),
+            ),
+            (
+                "chunkstore_objects_deleted",
+                "Chunk objects deleted by GC",
+                t.deleted_objects.load(Relaxed),
+            ),
+            (
+                "chunkstore_checksum_refetches",
+                "Cached frames dropped and fetched again after a checksum failure",
+                t.checksum_refetches.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            counter(e, name, help, v)?;
+        }
+        gauge(
+            e,
+            "chunkstore_cache_bytes",
+            "Clean (uploaded) bytes resident in the local cache",
+            t.cached_bytes.load(Relaxed) as i64,
+        )?;
+        gauge(
+            e,
+            "chunkstore_cache_limit_bytes",
+            "Configured cache budget (object_store.cache_size)",
+            o.tier.config().cache_bytes as i64,
+        )?;
+        gauge(
+            e,
+            "chunkstore_dirty_bytes",
+            "Bytes written locally and not uploaded yet",
+            dirty_bytes as i64,
+        )?;
+        gauge(
+            e,
+            "chunkstore_dirty_limit_bytes",
+            "Configured bound on dirty bytes (object_store.dirty_limit); writes wait at it",
+            o.tier.config().dirty_limit as i64,
+        )?;
+        let oldest = t.oldest_dirty_ms.load(Relaxed);
+        let lag = if oldest == 0 {
+            0.0
+        } else {
+            chunkstore::tier::now_ms().saturating_sub(oldest) as f64 / 1000.0
+        };
+        ConstGauge::new(lag).encode(e.encode_descriptor(
+            "chunkstore_upload_lag_seconds",
+            "Age of the oldest sealed segment waiting for upload (0: nothing waits)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
+
     impl Collector for StateCollector {
         fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
             let n = self.nbd.snapshot();
@@ -348,10 +512,14 @@ mod state {
                 core.snap.has_background_work() as i64,
             )?;
 
+            if let Some(o) = engine.objects() {
+                encode_object_tier(&mut e, o, core.local.dirty_bytes())?;
+            }
+
             let vols = engine.list_volumes();
             gauge(&mut e, "blockd_volumes", "Volumes", vols.len() as i64)?;
             type Get = fn(&crate::VolumeStat) -> u64;
-            let per_volume: [(&str, &str, Get); 7] = [
+            let per_volume: [(&str, &str, Get); 11] = [
                 ("blockd_volume_size_bytes", "Logical size", |v| {
                     v.info.size_bytes
                 }),
@@ -374,6 +542,26 @@ mod state {
                     "blockd_volume_owned_bytes",
                     "All bytes the volume holds (head + checkpoint-only)",
                     |v| v.info.owned_bytes,
+                ),
+                (
+                    "blockd_volume_stored_bytes",
+                    "Bytes the volume holds in the object store after compression and dedup (billable)",
+                    |v| v.stored.stored_bytes,
+                ),
+                (
+                    "blockd_volume_stored_head_bytes",
+                    "Part of the stored bytes held by the head",
+                    |v| v.stored.stored_head_bytes,
+                ),
+                (
+                    "blockd_volume_stored_checkpoint_only_bytes",
+                    "Part of the stored bytes held only by checkpoints",
+                    |v| v.stored.stored_checkpoint_only_bytes,
+                ),
+                (
+                    "blockd_volume_local_bytes",
+                    "Bytes of the volume's segment files on the local disk",
+                    |v| v.local_bytes,
                 ),
                 ("blockd_volume_checkpoints", "Checkpoints", |v| {
                     v.info.checkpoints

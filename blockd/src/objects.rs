@@ -40,6 +40,10 @@ pub struct Objects {
     lease_check: Duration,
     /// Serialises syncs (one barrier at a time).
     sync_lock: tokio::sync::Mutex<()>,
+    /// Requests, errors, latency and bytes of every call to the object store.
+    pub store_metrics: Arc<chunkstore::remote::StoreMetrics>,
+    /// Sealed segments waiting for upload and when they were first seen waiting (unix ms).
+    waiting_since: Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -111,10 +115,12 @@ impl Objects {
         data_dir: &std::path::Path,
         local: &chunkstore::LocalStore,
     ) -> Result<Objects, EngineError> {
+        let store_metrics = chunkstore::remote::StoreMetrics::new();
+        let remote = setup.remote.metered(store_metrics.clone());
         let tier = Arc::new(Tier::open(
             &data_dir.join("tier"),
-            setup.remote.store.clone(),
-            setup.remote.prefix.clone(),
+            remote.store.clone(),
+            remote.prefix.clone(),
             setup.tier,
         )?);
         local.attach_tier(tier.clone())?;
@@ -122,14 +128,34 @@ impl Objects {
             std::fs::read_to_string(data_dir.join("segments").join("INSTANCE")).unwrap_or_default();
         Ok(Objects {
             owner: format!("blockd-{}", instance.trim()),
-            remote: setup.remote,
+            remote,
             tier,
             leases: tokio::sync::Mutex::new(HashMap::new()),
             page_chunks: Mutex::new(HashMap::new()),
             last_lease_check: Mutex::new(Instant::now()),
             lease_check: setup.lease_check,
             sync_lock: tokio::sync::Mutex::new(()),
+            store_metrics,
+            waiting_since: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Upload lag: records when each sealed segment was first seen waiting for upload and
+    /// publishes the oldest (`TierStats::oldest_dirty_ms`, 0 when nothing waits).
+    fn note_upload_lag(&self, local: &chunkstore::LocalStore) -> Result<(), EngineError> {
+        let now = chunkstore::tier::now_ms();
+        let waiting = local.upload_candidates()?;
+        let mut since = self.waiting_since.lock();
+        since.retain(|id, _| waiting.iter().any(|s| s.id == *id));
+        for s in &waiting {
+            since.entry(s.id).or_insert(now);
+        }
+        let oldest = since.values().copied().min().unwrap_or(0);
+        self.tier
+            .stats
+            .oldest_dirty_ms
+            .store(oldest, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -410,7 +436,9 @@ impl Engine {
         if local.dirty_bytes() > o.tier.config().dirty_limit / 2 {
             local.seal_active();
         }
+        o.note_upload_lag(local)?;
         self.upload_pending().await?;
+        o.note_upload_lag(local)?;
         let evicted = o.tier.evict_round(local)?;
         if evicted > 0 {
             tracing::debug!(bytes = evicted, "evicted clean data");

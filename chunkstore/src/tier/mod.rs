@@ -74,6 +74,9 @@ pub struct TierStats {
     pub request_errors: AtomicU64,
     /// Unix ms of the oldest sealed segment waiting for upload (0 = none): upload lag.
     pub oldest_dirty_ms: AtomicU64,
+    /// Clean (uploaded, manifested) bytes resident in the local cache after the last
+    /// eviction round.
+    pub cached_bytes: AtomicU64,
 }
 
 /// One frame being fetched: readers that need it wait for the fetcher's outcome.
@@ -656,6 +659,7 @@ impl Tier {
             }
         }
         if total <= self.cfg.cache_bytes {
+            self.stats.cached_bytes.store(total, Ordering::Relaxed);
             return Ok(0);
         }
         clean.sort_by_key(|(t, _, _)| *t);
@@ -674,6 +678,7 @@ impl Tier {
         self.stats
             .evicted_bytes
             .fetch_add(evicted, Ordering::Relaxed);
+        self.stats.cached_bytes.store(total, Ordering::Relaxed);
         Ok(evicted)
     }
 
