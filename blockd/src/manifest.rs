@@ -55,13 +55,35 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Pretty JSON, then a last line with the crc32c of the JSON in hex: bytes damaged in
+    /// transit that still parse (a flipped digit) are caught by the checksum.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+        let mut b = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(format!("\n{crc:08x}\n").as_bytes());
+        b
     }
 
     pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
+        let bad = |m: String| ManifestError::Manifest(m);
+        let body = b.strip_suffix(b"\n").unwrap_or(b);
+        let nl = body
+            .iter()
+            .rposition(|c| *c == b'\n')
+            .ok_or_else(|| bad("no checksum line".into()))?;
+        let (json, tail) = (&body[..nl], &body[nl + 1..]);
+        let want = std::str::from_utf8(tail)
+            .ok()
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .ok_or_else(|| bad("unreadable checksum line".into()))?;
+        let got = crc32c::crc32c(json);
+        if got != want {
+            return Err(bad(format!(
+                "checksum mismatch: stored {want:08x}, computed {got:08x}"
+            )));
+        }
         let m: Manifest =
-            serde_json::from_slice(b).map_err(|e| ManifestError::Manifest(e.to_string()))?;
+            serde_json::from_slice(json).map_err(|e| ManifestError::Manifest(e.to_string()))?;
         if m.format != MANIFEST_FORMAT {
             return Err(ManifestError::Manifest(format!(
                 "format {} is not supported (expected {MANIFEST_FORMAT})",
@@ -235,6 +257,34 @@ mod tests {
             hash,
             "deterministic: equal pages share an object"
         );
+    }
+
+    #[test]
+    fn manifest_checksum_catches_damage_that_still_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = snapshotter::Snapshotter::open(dir.path(), Default::default()).unwrap();
+        snap.create_volume("vol", 1 << 30).unwrap();
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            name: "vol".into(),
+            writer: "blockd-1234".into(),
+            lease_generation: 3,
+            written_unix_ms: 1_700_000_000_000,
+            export: snap.export_volume("vol").unwrap(),
+            pages: BTreeMap::new(),
+        };
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        // Flip each bit of every byte in turn: never a different manifest.
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                if let Ok(got) = Manifest::decode(&b) {
+                    assert_eq!(got, m, "byte {i} bit {bit} changed the manifest unnoticed");
+                }
+            }
+        }
     }
 
     proptest! {

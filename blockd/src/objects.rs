@@ -6,7 +6,7 @@ use crate::engine::{Engine, VolumeEvent};
 use crate::error::EngineError;
 use crate::manifest::{MANIFEST_FORMAT, Manifest, Page, PageRef};
 use chunkstore::remote::{Lease, LeaseError, Remote};
-use chunkstore::tier::{Tier, TierConfig};
+use chunkstore::tier::{ManifestRefs, Tier, TierConfig};
 use chunkstore::{ChunkId, MAX_SEGMENT_BYTES};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parking_lot::Mutex;
@@ -40,6 +40,10 @@ pub struct Objects {
     lease_check: Duration,
     /// Serialises syncs (one barrier at a time).
     sync_lock: tokio::sync::Mutex<()>,
+    /// Serialises uploads (the background round and sync both upload): a segment uploaded
+    /// twice at once would be recorded twice, counting two references to each of its
+    /// objects, which then never reach zero and are never collected.
+    upload_lock: tokio::sync::Mutex<()>,
     /// Requests, errors, latency and bytes of every call to the object store.
     pub store_metrics: Arc<chunkstore::remote::StoreMetrics>,
     /// Sealed segments waiting for upload and when they were first seen waiting (unix ms).
@@ -135,6 +139,7 @@ impl Objects {
             last_lease_check: Mutex::new(Instant::now()),
             lease_check: setup.lease_check,
             sync_lock: tokio::sync::Mutex::new(()),
+            upload_lock: tokio::sync::Mutex::new(()),
             store_metrics,
             waiting_since: Mutex::new(HashMap::new()),
         })
@@ -318,24 +323,28 @@ impl Objects {
         )))
     }
 
-    /// Chunk hashes every manifest in the bucket references (for GC).
-    async fn referenced_by_manifests(&self) -> Result<HashSet<String>, EngineError> {
+    /// Chunk hashes the manifests in the bucket reference (for GC): those of volumes other
+    /// hosts hold, and those of the volumes in `held` (this host's).
+    async fn referenced_by_manifests(
+        &self,
+        held: &HashSet<String>,
+    ) -> Result<(HashSet<String>, HashSet<String>), EngineError> {
         let objects = self.list(&self.remote.key("volumes")).await?;
-        let mut out = HashSet::new();
+        let (mut others, mut own) = (HashSet::new(), HashSet::new());
         for o in objects {
             // volumes/<name>/manifest/<generation>-<seq>: every one counts (a stale one
             // keeps objects alive a little longer, never the other way round).
-            let is_manifest = o
-                .location
-                .parts()
-                .collect::<Vec<_>>()
-                .iter()
-                .rev()
-                .nth(1)
-                .is_some_and(|p| p.as_ref() == "manifest");
-            if !is_manifest {
+            let parts: Vec<_> = o.location.parts().collect();
+            let mut rev = parts.iter().rev();
+            let (_, dir, volume) = (rev.next(), rev.next(), rev.next());
+            if dir.is_none_or(|p| p.as_ref() != "manifest") {
                 continue;
             }
+            let out = if volume.is_some_and(|v| held.contains(v.as_ref())) {
+                &mut own
+            } else {
+                &mut others
+            };
             let mut decoded = None;
             for _ in 0..READ_ATTEMPTS {
                 let got = self
@@ -380,7 +389,7 @@ impl Objects {
                 out.extend(hashes);
             }
         }
-        Ok(out)
+        Ok((others, own))
     }
 }
 
@@ -449,8 +458,28 @@ impl Engine {
             .due_deletes(chunkstore::tier::now_ms())?
             .is_empty()
         {
-            let refs = o.referenced_by_manifests().await?;
-            let n = o.tier.gc_round(&|h| refs.contains(h)).await?;
+            let fenced = self.core.fenced.read().clone();
+            let held: HashSet<String> = o
+                .leases
+                .lock()
+                .await
+                .keys()
+                .filter(|n| !fenced.contains(*n))
+                .cloned()
+                .collect();
+            let (others, own) = o.referenced_by_manifests(&held).await?;
+            let n = o
+                .tier
+                .gc_round(&|h| {
+                    if others.contains(h) {
+                        ManifestRefs::OtherHost
+                    } else if own.contains(h) {
+                        ManifestRefs::ThisHost
+                    } else {
+                        ManifestRefs::None
+                    }
+                })
+                .await?;
             if n > 0 {
                 tracing::info!(objects = n, "deleted unreferenced chunk objects");
             }
@@ -476,6 +505,7 @@ impl Engine {
         let local = &self.core.local;
         let snap = self.core.snap.clone();
         let live = move |c: ChunkId| snap.group_ref(c.0) > 0;
+        let _one_uploader = o.upload_lock.lock().await;
         let mut n = 0;
         for seg in local.upload_candidates()? {
             o.tier.upload_segment(local, &seg, &live).await?;
@@ -650,21 +680,39 @@ impl Engine {
         let (manifest, mut meta_bytes) = o.read_manifest(name).await?.ok_or_else(|| {
             snapshotter::Error::VolumeNotFound(format!("{name} (in the object store)"))
         })?;
-        // Take the lease first: a daemon that cannot write the volume does not open it.
-        let generation = o.claim(local_name, force).await?;
-        self.core.fenced.write().remove(local_name);
-        let mut entries: HashMap<u64, Vec<snapshotter::EntryExport>> = HashMap::new();
-        let (mut npages, mut nentries) = (0, 0);
+        let mut pages = Vec::new();
         for (tid, refs) in &manifest.pages {
-            let all = entries.entry(*tid).or_default();
             for r in refs {
                 let (page, bytes) = o.get_page(&r.hash).await?;
                 meta_bytes += bytes;
-                npages += 1;
-                o.tier.meta().import_chunks(&page.chunks, &page.segs)?;
-                nentries += page.entries.len();
-                all.extend(page.entries);
+                pages.push((*tid, page));
             }
+        }
+        // Blocks are owned by one volume of this host: a second import of data this host
+        // already has (its own volume, or one imported before, also as a clone source)
+        // would give two volumes the same blocks, and releasing them in one (trim, delete)
+        // would destroy them in the other.
+        for (_, page) in &pages {
+            for (c, _) in &page.chunks {
+                if o.tier.meta().chunk(*c)?.is_some() {
+                    return Err(EngineError::Invalid(format!(
+                        "this daemon already has data of volume {name:?} (it wrote the volume \
+                         or imported it before, maybe as a clone source): import it on another \
+                         daemon, or clone a checkpoint of the local copy"
+                    )));
+                }
+            }
+        }
+        // Take the lease before opening: a daemon that cannot write the volume does not
+        // open it.
+        let generation = o.claim(local_name, force).await?;
+        self.core.fenced.write().remove(local_name);
+        let mut entries: HashMap<u64, Vec<snapshotter::EntryExport>> = HashMap::new();
+        let (npages, mut nentries) = (pages.len(), 0);
+        for (tid, page) in pages {
+            o.tier.meta().import_chunks(&page.chunks, &page.segs)?;
+            nentries += page.entries.len();
+            entries.entry(tid).or_default().extend(page.entries);
         }
         let mut take = |t: TimelineId| Ok(entries.remove(&t.0).unwrap_or_default());
         self.core

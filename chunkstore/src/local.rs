@@ -394,9 +394,15 @@ impl LocalStore {
 
     /// Drops cached frames `[first, first + n)` of a segment whose data is in the object
     /// store (the caller checked they are clean).
-    pub fn evict_frames(&self, seg: &Segment, first: u32, n: u32) {
+    /// Returns false (and evicts nothing) while reads of the segment are in flight.
+    pub fn evict_frames(&self, seg: &Segment, first: u32, n: u32) -> bool {
         let fb = crate::segment::FRAME_BLOCKS as u64 * BLOCK_SIZE as u64;
         let mut r = seg.resident.lock();
+        // Checked under the residency lock: a read registers before it looks at the bits,
+        // so it either sees them cleared (and fetches) or is seen here.
+        if seg.readers.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
         if let Some(bits) = r.as_mut() {
             punch_sync(seg, first as u64 * fb, n as u64 * fb);
             for f in first..first + n {
@@ -405,6 +411,7 @@ impl LocalStore {
                 }
             }
         }
+        true
     }
 
     /// The local stand-in for a segment only the object store has (created on demand).
@@ -757,6 +764,7 @@ impl LocalStore {
                 )));
             }
             futs.push(async move {
+                let _pin = ReadPin::new(&seg);
                 if let Some(tier) = self.tier.get() {
                     tier.ensure_resident(self, &seg, r.addr.block, r.blocks)
                         .await?;
@@ -998,6 +1006,22 @@ impl LocalStore {
 
     pub fn direct_io(&self) -> bool {
         self.direct.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps eviction off a segment for the life of a read (see `Segment::readers`).
+struct ReadPin<'a>(&'a Segment);
+
+impl<'a> ReadPin<'a> {
+    fn new(seg: &'a Segment) -> ReadPin<'a> {
+        seg.readers.fetch_add(1, Ordering::SeqCst);
+        ReadPin(seg)
+    }
+}
+
+impl Drop for ReadPin<'_> {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

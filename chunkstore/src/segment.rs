@@ -30,6 +30,10 @@ pub struct Segment {
     pub resident: parking_lot::Mutex<Option<Vec<u64>>>,
     /// Last read (unix ms), for cache eviction.
     pub last_access: std::sync::atomic::AtomicU64,
+    /// Reads between their residency check (or fetch) and the end of their file read:
+    /// eviction leaves the segment alone while any is in flight, or it could punch out
+    /// frames such a read found resident (the read would then see zeros).
+    pub readers: AtomicU32,
 }
 
 /// Blocks per residency frame (64 KiB), as in the chunk object format.
@@ -131,6 +135,7 @@ impl Segment {
             used_blocks: AtomicU32::new(0),
             resident: parking_lot::Mutex::new(None),
             last_access: std::sync::atomic::AtomicU64::new(0),
+            readers: AtomicU32::new(0),
         }
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed step is a failed test
 
-use chunkstore::tier::{Tier, TierConfig};
+use chunkstore::tier::{ManifestRefs, Tier, TierConfig};
 use chunkstore::{AlignedBuf, Appended, ChunkId, LocalConfig, LocalStore, ReadReq};
 use object_store::ObjectStore;
 use object_store::memory::InMemory;
@@ -189,7 +189,7 @@ async fn dead_chunks_are_not_uploaded_and_released_objects_are_deleted() {
     assert_eq!(object_count(&e.store).await, 1);
     let second = ChunkId(first.0 + 1);
     e.tier.release_chunk(second).unwrap();
-    assert_eq!(e.tier.gc_round(&|_| false).await.unwrap(), 1);
+    assert_eq!(e.tier.gc_round(&|_| ManifestRefs::None).await.unwrap(), 1);
     assert_eq!(object_count(&e.store).await, 0);
 }
 
@@ -202,8 +202,31 @@ async fn objects_another_host_needs_are_kept() {
     let a = append(&e, 1, pattern(256, 9)).await;
     upload_all(&e).await;
     e.tier.release_chunk(a.runs[0].0.chunk().0).unwrap();
-    assert_eq!(e.tier.gc_round(&|_| true).await.unwrap(), 0);
+    assert_eq!(
+        e.tier.gc_round(&|_| ManifestRefs::OtherHost).await.unwrap(),
+        0
+    );
     assert_eq!(object_count(&e.store).await, 1);
+}
+
+#[tokio::test]
+async fn objects_this_hosts_stale_manifest_references_wait_for_the_next_round() {
+    let e = env(TierConfig {
+        gc_grace: Duration::ZERO,
+        ..Default::default()
+    });
+    let a = append(&e, 1, pattern(256, 7)).await;
+    upload_all(&e).await;
+    e.tier.release_chunk(a.runs[0].0.chunk().0).unwrap();
+    // Still in this host's last manifest: kept, and the deletion stays scheduled...
+    assert_eq!(
+        e.tier.gc_round(&|_| ManifestRefs::ThisHost).await.unwrap(),
+        0
+    );
+    assert_eq!(object_count(&e.store).await, 1);
+    // ...so once a sync replaced that manifest, the object goes.
+    assert_eq!(e.tier.gc_round(&|_| ManifestRefs::None).await.unwrap(), 1);
+    assert_eq!(object_count(&e.store).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ struct Plan {
     qsd: Option<PathBuf>,
     nbdkit: Option<PathBuf>,
     blockd: Option<PathBuf>,
+    blockd_object_store: String,
 }
 
 impl Plan {
@@ -234,6 +235,7 @@ fn plan(args: &NbdArgs, started: u64) -> Result<Plan> {
         qsd,
         nbdkit,
         blockd,
+        blockd_object_store: args.blockd_object_store.clone(),
     };
     // sun_path holds 107 bytes plus the NUL.
     for sock in [
@@ -493,7 +495,13 @@ fn run_target(
         }
         Target::Blockd => {
             let bin = plan.blockd.as_deref().context("blockd path")?;
-            let s = targets::start_blockd(bin, &plan.blockd_dir, plan.size, &plan.logs)?;
+            let s = targets::start_blockd(
+                bin,
+                &plan.blockd_dir,
+                plan.size,
+                &plan.logs,
+                &plan.blockd_object_store,
+            )?;
             eprintln!(
                 "  preconditioning blockd volume {} through NBD",
                 targets::BLOCKD_VOLUME

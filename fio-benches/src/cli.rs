@@ -82,6 +82,13 @@ pub struct NbdArgs {
     #[arg(long)]
     pub blockd: Option<PathBuf>,
 
+    /// blockd's `object_store.url` during the run. `none` (default) measures the local
+    /// data path alone, like the peers, which have no object store; `default` keeps
+    /// blockd's default (write-back to `file://<data_dir>/objects` on the same disk: the
+    /// uploader competes for CPU and disk with the jobs); any other value is used as is.
+    #[arg(long, default_value = "none")]
+    pub blockd_object_store: String,
+
     /// fio binary (needs the io_uring and nbd engines: fio >= 3.33 from apt has both).
     #[arg(long, default_value = "fio")]
     pub fio: PathBuf,

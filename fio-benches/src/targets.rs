@@ -354,7 +354,13 @@ pub fn start_nbdkit(
 pub const BLOCKD_VOLUME: &str = "bench";
 
 /// Starts blockd on a fresh data dir, waits for `blockd status`, and creates the volume.
-pub fn start_blockd(bin: &Path, data_dir: &Path, size: u64, logs: &Path) -> Result<Server> {
+pub fn start_blockd(
+    bin: &Path,
+    data_dir: &Path,
+    size: u64,
+    logs: &Path,
+    object_store: &str,
+) -> Result<Server> {
     if data_dir.exists() {
         std::fs::remove_dir_all(data_dir)
             .with_context(|| format!("removing old {}", data_dir.display()))?;
@@ -362,13 +368,24 @@ pub fn start_blockd(bin: &Path, data_dir: &Path, size: u64, logs: &Path) -> Resu
     std::fs::create_dir_all(data_dir)?;
     let log = logs.join("blockd.log");
     let dd = data_dir.display().to_string();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--data-dir".into(),
         dd.clone(),
         "serve".into(),
         "--metrics-addr".into(),
         String::new(),
     ];
+    if object_store != "default" {
+        // Next to the data dir, which is wiped before each start.
+        let config = logs.join("blockd.toml");
+        std::fs::write(
+            &config,
+            format!("[object_store]\nurl = {:?}\n", object_store),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        args.push("--config".into());
+        args.push(config.display().to_string());
+    }
     let mut child = spawn_logged(bin, &args, &log, "blockd")?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {

@@ -142,10 +142,12 @@ impl Daemon {
             .open(&self.log)
             .unwrap();
         let mut c = Command::new(bin_path("blockd"));
-        c.arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["serve", "--metrics-addr", ""])
-            .args(&self.extra_args)
+        c.arg("--data-dir").arg(&self.data_dir).arg("serve");
+        // No metrics listener unless the test asks for one (tests run in parallel).
+        if !self.extra_args.iter().any(|a| a == "--metrics-addr") {
+            c.args(["--metrics-addr", ""]);
+        }
+        c.args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -348,4 +350,163 @@ pub fn load(file: &Path, uri: &str) {
         "qemu-img convert failed: {}",
         text(&o.stderr)
     );
+}
+
+impl Daemon {
+    /// Starts with a TOML config file (written next to the data directory as
+    /// `<data_dir>.toml`) and extra `serve` flags.
+    pub fn start_config(data_dir: &Path, config: &str, extra_args: &[&str]) -> Daemon {
+        let path = data_dir.with_extension("toml");
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(extra_args);
+        Self::start_with(data_dir, &[], &args)
+    }
+}
+
+/// A real S3 server for end-to-end tests: moto (`moto_server`, installed by
+/// scripts/setup.sh into `$SPRITES_VENV`, default /opt/sprites-venv) on a free local port
+/// with one bucket, [`Moto::BUCKET`]; killed on drop. Fails (does not skip) when moto is
+/// missing.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub const BUCKET: &'static str = "blockd-test";
+
+    pub fn start() -> Moto {
+        let venv = std::env::var_os("SPRITES_VENV")
+            .map_or_else(|| PathBuf::from("/opt/sprites-venv"), PathBuf::from);
+        let bin = venv.join("bin/moto_server");
+        assert!(
+            bin.exists(),
+            "{} not found: run scripts/setup.sh (it installs moto, the S3 server these tests need)",
+            bin.display()
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut moto = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while moto.http("GET", "/").is_none() {
+            if let Some(s) = moto.child.try_wait().unwrap() {
+                panic!("moto_server exited early: {s}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // moto accepts unsigned requests: good enough for creating the bucket and listing.
+        let (status, body) = moto
+            .http("PUT", &format!("/{}", Self::BUCKET))
+            .expect("creating the bucket: no answer");
+        assert_eq!(status, 200, "creating bucket {}: {body}", Self::BUCKET);
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A minimal HTTP/1.1 request; the status code and body.
+    fn http(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).ok()?;
+        let resp = text(&resp);
+        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Keys (with their sizes) under `prefix` in the bucket, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        let enc = |s: &str| -> String {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        };
+        let tag = |body: &str, name: &str| -> Vec<String> {
+            let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+            body.split(&open)
+                .skip(1)
+                .filter_map(|s| s.split_once(&close).map(|(v, _)| v.to_string()))
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut path = format!("/{}?list-type=2&prefix={}", Self::BUCKET, enc(prefix));
+            if let Some(t) = &token {
+                path.push_str(&format!("&continuation-token={}", enc(t)));
+            }
+            let (status, body) = self
+                .http("GET", &path)
+                .unwrap_or_else(|| panic!("listing {prefix}: no answer from moto"));
+            assert_eq!(status, 200, "listing {prefix}: {body}");
+            for contents in tag(&body, "Contents") {
+                let key = tag(&contents, "Key").pop().unwrap();
+                let size = tag(&contents, "Size").pop().unwrap().parse().unwrap();
+                out.push((key, size));
+            }
+            token = tag(&body, "NextContinuationToken").pop();
+            if tag(&body, "IsTruncated").pop().as_deref() != Some("true") || token.is_none() {
+                break;
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A blockd config whose object store is `s3://BUCKET/<prefix>` on this server, followed
+    /// by `extra` lines of the `[object_store]` section (e.g. `cache_size = "4M"`).
+    pub fn blockd_config(&self, prefix: &str, extra: &str) -> String {
+        format!(
+            "[object_store]\n\
+             url = \"s3://{}/{prefix}\"\n\
+             endpoint = \"{}\"\n\
+             region = \"us-east-1\"\n\
+             access_key_id = \"test\"\n\
+             secret_access_key = \"test\"\n\
+             allow_http = true\n\
+             {extra}\n",
+            Self::BUCKET,
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

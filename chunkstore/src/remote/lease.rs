@@ -397,8 +397,9 @@ impl Io<'_> {
         &self,
         path: &Path,
     ) -> Result<Option<T>, LeaseError> {
-        // A body that does not parse may have been damaged on the way (bit flips in
-        // transit): read it again a few times before calling the record corrupt.
+        // A body whose checksum does not match or that does not parse may have been
+        // damaged on the way (bit flips in transit): read it again a few times before
+        // calling the record corrupt.
         let mut last = String::new();
         for _ in 0..PARSE_ATTEMPTS {
             let got = retry("lease get", self.policy, || async {
@@ -410,9 +411,12 @@ impl Io<'_> {
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.store_err(e)),
             };
-            match serde_json::from_slice(&bytes) {
-                Ok(v) => return Ok(Some(v)),
-                Err(e) => last = e.to_string(),
+            match checked_json(&bytes) {
+                Ok(json) => match serde_json::from_slice(json) {
+                    Ok(v) => return Ok(Some(v)),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e,
             }
         }
         Err(LeaseError::Corrupt {
@@ -454,13 +458,37 @@ impl Io<'_> {
     }
 }
 
+/// A record as stored: its JSON, a newline, and the crc32c of the JSON in hex. The
+/// checksum catches bytes damaged on the way that still parse (a flipped bit in an owner
+/// name or a digit), which JSON parsing alone would take for a different record.
 fn to_json<T: Serialize>(v: &T) -> Result<PutPayload, LeaseError> {
-    serde_json::to_vec(v)
-        .map(PutPayload::from)
-        .map_err(|e| LeaseError::Corrupt {
-            path: String::new(),
-            reason: format!("encoding: {e}"),
-        })
+    let mut body = serde_json::to_vec(v).map_err(|e| LeaseError::Corrupt {
+        path: String::new(),
+        reason: format!("encoding: {e}"),
+    })?;
+    let crc = crc32c::crc32c(&body);
+    body.extend_from_slice(format!("\n{crc:08x}").as_bytes());
+    Ok(PutPayload::from(body))
+}
+
+/// The JSON of a stored record whose checksum matches.
+fn checked_json(body: &[u8]) -> Result<&[u8], String> {
+    let nl = body
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .ok_or("no checksum line")?;
+    let (json, tail) = (&body[..nl], &body[nl + 1..]);
+    let want = std::str::from_utf8(tail)
+        .ok()
+        .and_then(|t| u32::from_str_radix(t.trim(), 16).ok())
+        .ok_or("unreadable checksum line")?;
+    let got = crc32c::crc32c(json);
+    if got != want {
+        return Err(format!(
+            "checksum mismatch: stored {want:08x}, computed {got:08x}"
+        ));
+    }
+    Ok(json)
 }
 
 fn now_ms() -> u64 {

@@ -265,6 +265,13 @@ impl Meta {
         Ok(out)
     }
 
+    /// (Re)schedules an object's deletion for `after_ms` (unix ms).
+    pub fn schedule_delete(&self, hash: &str, after_ms: u64) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("deletes"), hash.as_bytes(), after_ms.to_be_bytes());
+        self.write(b)
+    }
+
     pub fn deleted(&self, hash: &str) -> Result<()> {
         let mut b = WriteBatch::default();
         b.delete_cf(self.cf("deletes"), hash.as_bytes());

@@ -79,6 +79,22 @@ pub struct TierStats {
     pub cached_bytes: AtomicU64,
 }
 
+/// Which manifests in the bucket still reference an object whose deletion is due
+/// ([`Tier::gc_round`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestRefs {
+    /// None: the object can be deleted.
+    None,
+    /// A manifest of a volume another host holds: that host counts its own reference to the
+    /// object and collects it when done; this host forgets the deletion.
+    OtherHost,
+    /// Only manifests of volumes this host holds, written before their last reference to
+    /// the object went away: the deletion waits another grace period, for the next sync to
+    /// replace them (deleting now would break opening the volume from its last manifest;
+    /// forgetting the deletion would leak the object).
+    ThisHost,
+}
+
 /// One frame being fetched: readers that need it wait for the fetcher's outcome.
 #[derive(Default)]
 struct FetchState {
@@ -669,7 +685,9 @@ impl Tier {
                 if total <= self.cfg.cache_bytes {
                     break 'outer;
                 }
-                local.evict_frames(&seg, k * per_chunk, per_chunk);
+                if !local.evict_frames(&seg, k * per_chunk, per_chunk) {
+                    continue 'outer; // being read: try the next segment
+                }
                 total -= bytes;
                 evicted += bytes;
             }
@@ -692,18 +710,26 @@ impl Tier {
         Ok(())
     }
 
-    /// Deletes objects whose deletion is due, except those `foreign` says another host's
-    /// manifest references. Returns how many were deleted.
-    pub async fn gc_round(&self, foreign: &(dyn Fn(&str) -> bool + Sync)) -> Result<usize> {
+    /// Deletes objects whose deletion is due and that no manifest references (`refs` says
+    /// which manifests do). Returns how many were deleted.
+    pub async fn gc_round(&self, refs: &(dyn Fn(&str) -> ManifestRefs + Sync)) -> Result<usize> {
         let mut n = 0;
         for hash in self.meta.due_deletes(now_ms())? {
             if self.meta.obj_refs(&hash)? > 0 {
                 self.meta.deleted(&hash)?; // referenced again meanwhile
                 continue;
             }
-            if foreign(&hash) {
-                self.meta.deleted(&hash)?; // another host's volume needs it: theirs now
-                continue;
+            match refs(&hash) {
+                ManifestRefs::None => {}
+                ManifestRefs::OtherHost => {
+                    self.meta.deleted(&hash)?; // another host's volume needs it: theirs now
+                    continue;
+                }
+                ManifestRefs::ThisHost => {
+                    let after = now_ms() + self.cfg.gc_grace.as_millis() as u64;
+                    self.meta.schedule_delete(&hash, after)?;
+                    continue;
+                }
             }
             let key = self.chunk_key(&hash);
             match self.retry("delete chunk", || self.store.delete(&key)).await {

@@ -52,6 +52,11 @@ use vhost_blk::client::{BlkRequest, Client, ClientConfig, ClientQueue};
 #[derive(Debug, Parser)]
 #[command(about = "blockd vs qemu-storage-daemon over vhost-user-blk, same client, same run")]
 struct Args {
+    /// blockd's `object_store.url`: `none` (default: the local data path alone, like the
+    /// peer), `default` (blockd's default write-back to a directory on the same disk), or
+    /// a URL.
+    #[arg(long, default_value = "none")]
+    blockd_object_store: String,
     /// Work directory (default: a new /var/tmp/vhost-compare-<pid>); data files are removed.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -529,13 +534,22 @@ fn main() -> Result<()> {
         let data = dir.join("blockd");
         let _ = std::fs::remove_dir_all(&data);
         let log = logs.join("blockd.log");
-        let bargs: Vec<String> = vec![
+        let mut bargs: Vec<String> = vec![
             "--data-dir".into(),
             data.display().to_string(),
             "serve".into(),
             "--metrics-addr".into(),
             String::new(),
         ];
+        if args.blockd_object_store != "default" {
+            let config = logs.join("blockd.toml");
+            std::fs::write(
+                &config,
+                format!("[object_store]\nurl = {:?}\n", args.blockd_object_store),
+            )?;
+            bargs.push("--config".into());
+            bargs.push(config.display().to_string());
+        }
         let mut child = spawn_logged(&blockd, &bargs, &log, "blockd")?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while blockd_cli(&blockd, &data, &["status"]).is_err() {
