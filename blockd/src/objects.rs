@@ -680,13 +680,27 @@ impl Engine {
         let (manifest, mut meta_bytes) = o.read_manifest(name).await?.ok_or_else(|| {
             snapshotter::Error::VolumeNotFound(format!("{name} (in the object store)"))
         })?;
-        let mut pages = Vec::new();
-        for (tid, refs) in &manifest.pages {
-            for r in refs {
-                let (page, bytes) = o.get_page(&r.hash).await?;
-                meta_bytes += bytes;
-                pages.push((*tid, page));
-            }
+        // Pages are fetched concurrently (in manifest order): the open costs a few round
+        // trips, not one per page.
+        use futures::StreamExt;
+        let wanted: Vec<(u64, String)> = manifest
+            .pages
+            .iter()
+            .flat_map(|(tid, refs)| refs.iter().map(move |r| (*tid, r.hash.clone())))
+            .collect();
+        let fetched: Vec<Result<(u64, Page, u64), EngineError>> = futures::stream::iter(wanted)
+            .map(|(tid, hash): (u64, String)| async move {
+                let (page, bytes) = o.get_page(&hash).await?;
+                Ok((tid, page, bytes))
+            })
+            .buffered(PAGE_FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut pages = Vec::with_capacity(fetched.len());
+        for f in fetched {
+            let (tid, page, bytes) = f?;
+            meta_bytes += bytes;
+            pages.push((tid, page));
         }
         // Blocks are owned by one volume of this host: a second import of data this host
         // already has (its own volume, or one imported before, also as a clone source)
@@ -815,3 +829,6 @@ impl Engine {
 
 /// Segment size the tier supports (chunk ids hold 256 chunks per segment).
 pub const MAX_SEGMENT: u64 = MAX_SEGMENT_BYTES;
+
+/// Map pages fetched at once by an import.
+const PAGE_FETCH_CONCURRENCY: usize = 16;

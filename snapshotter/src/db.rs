@@ -83,7 +83,10 @@ pub fn open(path: &Path, cache_bytes: usize) -> Result<DB> {
             bb.set_bloom_filter(10.0, false);
             bb.set_cache_index_and_filter_blocks(true);
             bb.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            o.set_write_buffer_size(64 << 20);
+            // A small memtable: the data path's multi-get of head slots mostly misses it
+            // (the prefix bloom answers), and the skip list it does search stays shallow
+            // and cache-resident. 64 MiB cost ~10 % of 4K random-write IOPS (measured).
+            o.set_write_buffer_size(16 << 20);
             // ~60 bytes per written block: uncompressed, so a block-cache miss costs a
             // copy and a checksum, not a decompression on the read path.
             o.set_compression_type(DBCompressionType::None);
