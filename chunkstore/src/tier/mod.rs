@@ -182,6 +182,31 @@ fn remote_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Remote(format!("{what}: {e}"))
 }
 
+/// Reads chunk `cid` of a segment with `used` blocks from the local file: the buffer and
+/// the chunk's block count.
+async fn read_chunk(
+    local: &LocalStore,
+    seg: &Segment,
+    cid: ChunkId,
+    used: u32,
+) -> Result<(Arc<AlignedBuf>, usize)> {
+    let first = cid.number() * CHUNK_BLOCKS;
+    let blocks = (used - first).min(CHUNK_BLOCKS) as usize;
+    let buf = Arc::new(AlignedBuf::for_overwrite(blocks * BLOCK_SIZE));
+    local
+        .ring()
+        .read_at(
+            &seg.file,
+            first as u64 * BLOCK_SIZE as u64,
+            &buf,
+            0,
+            blocks * BLOCK_SIZE,
+        )
+        .await
+        .map_err(|e| Error::io(seg.path.display().to_string(), e))?;
+    Ok((buf, blocks))
+}
+
 /// A segment that can be evicted from: (last read ms, segment, [(chunk#, resident bytes)]).
 type CleanSegment = (u64, Arc<Segment>, Vec<(u32, u64)>);
 
@@ -333,20 +358,7 @@ impl Tier {
         cid: ChunkId,
         used: u32,
     ) -> Result<(u64, ChunkLayout)> {
-        let first = cid.number() * CHUNK_BLOCKS;
-        let blocks = (used - first).min(CHUNK_BLOCKS) as usize;
-        let buf = Arc::new(AlignedBuf::for_overwrite(blocks * BLOCK_SIZE));
-        local
-            .ring()
-            .read_at(
-                &seg.file,
-                first as u64 * BLOCK_SIZE as u64,
-                &buf,
-                0,
-                blocks * BLOCK_SIZE,
-            )
-            .await
-            .map_err(|e| Error::io(seg.path.display().to_string(), e))?;
+        let (buf, blocks) = read_chunk(local, seg, cid, used).await?;
         let level = self.cfg.zstd_level;
         let (obj, layout) = tokio::task::spawn_blocking(move || {
             format::encode(&buf.as_slice()[..blocks * BLOCK_SIZE], level)
@@ -416,20 +428,7 @@ impl Tier {
         cid: ChunkId,
         used: u32,
     ) -> Result<()> {
-        let first = cid.number() * CHUNK_BLOCKS;
-        let blocks = (used - first).min(CHUNK_BLOCKS) as usize;
-        let buf = Arc::new(AlignedBuf::for_overwrite(blocks * BLOCK_SIZE));
-        local
-            .ring()
-            .read_at(
-                &seg.file,
-                first as u64 * BLOCK_SIZE as u64,
-                &buf,
-                0,
-                blocks * BLOCK_SIZE,
-            )
-            .await
-            .map_err(|e| Error::io(seg.path.display().to_string(), e))?;
+        let (buf, blocks) = read_chunk(local, seg, cid, used).await?;
         let (obj, layout) =
             format::encode(&buf.as_slice()[..blocks * BLOCK_SIZE], self.cfg.zstd_level)
                 .map_err(|e| Error::Invalid(e.to_string()))?;
