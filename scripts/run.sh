@@ -19,6 +19,8 @@ In another terminal:
   qemu-io -f raw 'nbd+unix:///demo?socket=$data/blockd/nbd.sock' -c 'write -P 0xab 0 1M'
   $bin checkpoint create demo --comment first
   $bin volume stat demo
+  $bin volume sync demo        # data + manifest into the object store ($data/blockd/objects)
+VMs: QEMU -device vhost-user-blk-pci on $data/blockd/vhost/demo.sock (see docs/blockd.md)
 Metrics: curl -s http://127.0.0.1:9490/metrics
 MSG
 exec "$bin" --data-dir "$data/blockd" serve "$@"
