@@ -70,6 +70,12 @@ pub struct VolumeStat {
     pub stored: crate::objects::StoredBytes,
 }
 
+/// Bytes per append stream (one stream per volume).
+struct StreamSizes {
+    local: std::collections::HashMap<u64, u64>,
+    stored: std::collections::HashMap<u64, u64>,
+}
+
 /// A checkpoint operation's result with the time it took inside the daemon.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timed<T> {
@@ -320,11 +326,12 @@ impl Engine {
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeStat> {
+        let sizes = self.stream_sizes();
         self.core
             .snap
             .list_volumes()
             .into_iter()
-            .map(|i| self.stat_of(i))
+            .map(|i| self.stat_with(i, &sizes))
             .collect()
     }
 
@@ -333,10 +340,23 @@ impl Engine {
     }
 
     fn stat_of(&self, info: VolumeInfo) -> VolumeStat {
+        self.stat_with(info, &self.stream_sizes())
+    }
+
+    /// Local and stored bytes of every append stream, gathered in one pass for all volumes.
+    fn stream_sizes(&self) -> StreamSizes {
+        StreamSizes {
+            local: self.core.local.allocated_bytes_by_stream(),
+            stored: self.stored_bytes_by_stream(),
+        }
+    }
+
+    fn stat_with(&self, info: VolumeInfo, sizes: &StreamSizes) -> VolumeStat {
+        let stored = sizes.stored.get(&info.stream).copied().unwrap_or(0);
         VolumeStat {
-            local_bytes: self.core.local.stream_allocated_bytes(info.stream),
+            local_bytes: sizes.local.get(&info.stream).copied().unwrap_or(0),
             attached_clients: self.attached_clients(&info.name),
-            stored: self.stored_bytes(&info),
+            stored: crate::objects::StoredBytes::split(stored, &info),
             info,
         }
     }

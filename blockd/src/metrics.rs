@@ -237,28 +237,23 @@ mod state {
         dirty_bytes: u64,
     ) -> std::fmt::Result {
         let m = o.store_metrics.snapshot();
-        {
-            let mut fam = e.encode_descriptor(
+        type PerOp = fn(&chunkstore::remote::OpSnapshot) -> u64;
+        let per_op: [(&str, &str, PerOp); 2] = [
+            (
                 "chunkstore_object_requests",
                 "Object-store requests by operation",
-                None,
-                MetricType::Counter,
-            )?;
-            for op in &m.ops {
-                ConstCounter::new(op.requests)
-                    .encode(fam.encode_family(&[("op", op.op.as_str())])?)?;
-            }
-        }
-        {
-            let mut fam = e.encode_descriptor(
+                |op| op.requests,
+            ),
+            (
                 "chunkstore_object_request_errors",
                 "Object-store requests that failed (each attempt of a retried request counts)",
-                None,
-                MetricType::Counter,
-            )?;
+                |op| op.errors,
+            ),
+        ];
+        for (name, help, get) in per_op {
+            let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
             for op in &m.ops {
-                ConstCounter::new(op.errors)
-                    .encode(fam.encode_family(&[("op", op.op.as_str())])?)?;
+                ConstCounter::new(get(op)).encode(fam.encode_family(&[("op", op.op.as_str())])?)?;
             }
         }
         {

@@ -94,6 +94,21 @@ pub struct StoredBytes {
     pub stored_checkpoint_only_bytes: u64,
 }
 
+impl StoredBytes {
+    /// Splits a volume's stored bytes between head and checkpoints in proportion to the
+    /// blocks each owns.
+    pub fn split(stored: u64, info: &snapshotter::VolumeInfo) -> StoredBytes {
+        let owned = info.owned_bytes.max(1);
+        let head_owned = info.owned_bytes - info.checkpoint_only_bytes;
+        let head = (stored as u128 * head_owned as u128 / owned as u128) as u64;
+        StoredBytes {
+            stored_bytes: stored,
+            stored_head_bytes: head,
+            stored_checkpoint_only_bytes: stored - head,
+        }
+    }
+}
+
 /// Reads of a metadata object that fails to decode before it is called corrupt.
 const READ_ATTEMPTS: usize = 4;
 
@@ -128,10 +143,8 @@ impl Objects {
             setup.tier,
         )?);
         local.attach_tier(tier.clone())?;
-        let instance =
-            std::fs::read_to_string(data_dir.join("segments").join("INSTANCE")).unwrap_or_default();
         Ok(Objects {
-            owner: format!("blockd-{}", instance.trim()),
+            owner: format!("blockd-{}", local.instance()),
             remote,
             tier,
             leases: tokio::sync::Mutex::new(HashMap::new()),
@@ -145,22 +158,20 @@ impl Objects {
         })
     }
 
-    /// Upload lag: records when each sealed segment was first seen waiting for upload and
+    /// Upload lag: records when each sealed segment (by id) was first seen waiting for upload and
     /// publishes the oldest (`TierStats::oldest_dirty_ms`, 0 when nothing waits).
-    fn note_upload_lag(&self, local: &chunkstore::LocalStore) -> Result<(), EngineError> {
+    fn note_upload_lag(&self, waiting: &[u64]) {
         let now = chunkstore::tier::now_ms();
-        let waiting = local.upload_candidates()?;
         let mut since = self.waiting_since.lock();
-        since.retain(|id, _| waiting.iter().any(|s| s.id == *id));
-        for s in &waiting {
-            since.entry(s.id).or_insert(now);
+        since.retain(|id, _| waiting.contains(id));
+        for id in waiting {
+            since.entry(*id).or_insert(now);
         }
         let oldest = since.values().copied().min().unwrap_or(0);
         self.tier
             .stats
             .oldest_dirty_ms
             .store(oldest, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
     }
 
     fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -445,9 +456,7 @@ impl Engine {
         if local.dirty_bytes() > o.tier.config().dirty_limit / 2 {
             local.seal_active();
         }
-        o.note_upload_lag(local)?;
         self.upload_pending().await?;
-        o.note_upload_lag(local)?;
         let evicted = o.tier.evict_round(local)?;
         if evicted > 0 {
             tracing::debug!(bytes = evicted, "evicted clean data");
@@ -506,12 +515,14 @@ impl Engine {
         let snap = self.core.snap.clone();
         let live = move |c: ChunkId| snap.group_ref(c.0) > 0;
         let _one_uploader = o.upload_lock.lock().await;
-        let mut n = 0;
-        for seg in local.upload_candidates()? {
-            o.tier.upload_segment(local, &seg, &live).await?;
-            n += 1;
+        let waiting = local.upload_candidates()?;
+        o.note_upload_lag(&waiting.iter().map(|s| s.id).collect::<Vec<_>>());
+        for seg in &waiting {
+            o.tier.upload_segment(local, seg, &live).await?;
         }
-        Ok(n)
+        // Everything that waited is up (segments sealed meanwhile are seen next time).
+        o.note_upload_lag(&[]);
+        Ok(waiting.len())
     }
 
     /// The sync barrier: when it returns, all the volume's data and a manifest for its
@@ -810,20 +821,12 @@ impl Engine {
         }
     }
 
-    /// Object-store billing of a volume.
-    pub fn stored_bytes(&self, info: &snapshotter::VolumeInfo) -> StoredBytes {
-        let Some(o) = &self.objects else {
-            return StoredBytes::default();
-        };
-        let stored = o.tier.stored_bytes(info.stream).unwrap_or(0);
-        let owned = info.owned_bytes.max(1);
-        let head_owned = info.owned_bytes - info.checkpoint_only_bytes;
-        let head = (stored as u128 * head_owned as u128 / owned as u128) as u64;
-        StoredBytes {
-            stored_bytes: stored,
-            stored_head_bytes: head,
-            stored_checkpoint_only_bytes: stored - head,
-        }
+    /// Bytes each append stream holds in the object store (empty without one).
+    pub(crate) fn stored_bytes_by_stream(&self) -> HashMap<u64, u64> {
+        self.objects
+            .as_ref()
+            .and_then(|o| o.tier.stored_bytes_by_stream().ok())
+            .unwrap_or_default()
     }
 }
 

@@ -185,6 +185,8 @@ const PREALLOC_BLOCKS: u32 = 2048; // 8 MiB
 
 pub struct LocalStore {
     dir: PathBuf,
+    /// Random id of this data directory (high bits of its segment ids).
+    instance: u32,
     ring: Uring,
     cfg: LocalConfig,
     direct: std::sync::atomic::AtomicBool,
@@ -296,6 +298,7 @@ impl LocalStore {
         let idle: Vec<u64> = segments.keys().copied().collect();
         Ok(LocalStore {
             dir: dir.to_path_buf(),
+            instance,
             ring,
             direct: std::sync::atomic::AtomicBool::new(cfg.direct_io),
             cfg,
@@ -316,6 +319,11 @@ impl LocalStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Random id of this data directory: identifies the daemon in leases and manifests.
+    pub fn instance(&self) -> u32 {
+        self.instance
     }
 
     pub fn ring(&self) -> &Uring {
@@ -990,12 +998,14 @@ impl LocalStore {
     }
 
     /// Bytes the segment files of one stream occupy on disk.
-    pub fn stream_allocated_bytes(&self, stream: u64) -> u64 {
-        self.segments()
-            .iter()
-            .filter(|s| s.stream == stream)
-            .map(|s| s.allocated_bytes())
-            .sum()
+    /// Bytes the segment files of each append stream occupy on disk (one pass over the
+    /// segments, however many volumes ask).
+    pub fn allocated_bytes_by_stream(&self) -> std::collections::HashMap<u64, u64> {
+        let mut out = std::collections::HashMap::new();
+        for s in self.segments() {
+            *out.entry(s.stream).or_insert(0) += s.allocated_bytes();
+        }
+        out
     }
 
     /// Bytes the segment files occupy on disk.

@@ -167,7 +167,7 @@ async fn identical_chunks_are_stored_once() {
         "two identical 1 MiB chunks per stream, stored once"
     );
     assert_eq!(e.tier.stats.dedup_chunks.load(Relaxed), 2);
-    assert!(e.tier.stored_bytes(1).unwrap() > 0);
+    assert!(e.tier.stored_bytes_by_stream().unwrap()[&1] > 0);
 }
 
 #[tokio::test]

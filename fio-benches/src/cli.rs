@@ -163,30 +163,10 @@ impl NbdArgs {
     }
 }
 
-/// Parses `123`, `4K`, `512M`, `4G`, `1T` (binary multiples; `KiB`, `MB`... accepted).
-/// The result must be a non-zero multiple of 1 MiB (the sequential jobs use 1M blocks).
+/// A size as blockd parses it (`4G`, `256M`, `2GiB`, ...) that is a non-zero multiple of
+/// 1 MiB (the sequential jobs use 1M blocks).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix")
-    })?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        u => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {u:?} (use K, M, G or T)"
-            ));
-        }
-    };
-    let v = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))?;
+    let v = blockd::size::parse_size(s)?;
     if v == 0 || !v.is_multiple_of(1 << 20) {
         return Err(format!(
             "invalid size {s:?}: must be a non-zero multiple of 1M"

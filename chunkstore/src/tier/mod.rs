@@ -351,6 +351,7 @@ impl Tier {
         Ok(())
     }
 
+    /// Uploads a chunk unless an identical object is already stored (dedup).
     async fn upload_chunk(
         &self,
         local: &LocalStore,
@@ -358,33 +359,49 @@ impl Tier {
         cid: ChunkId,
         used: u32,
     ) -> Result<(u64, ChunkLayout)> {
-        let (buf, blocks) = read_chunk(local, seg, cid, used).await?;
-        let level = self.cfg.zstd_level;
-        let (obj, layout) = tokio::task::spawn_blocking(move || {
-            format::encode(&buf.as_slice()[..blocks * BLOCK_SIZE], level)
-        })
-        .await
-        .map_err(|e| Error::Invalid(format!("compression task: {e}")))?
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let (obj, layout) = self.encode_chunk(local, seg, cid, used).await?;
         if self.meta.obj_refs(&layout.hash)? > 0 {
             self.stats.dedup_chunks.fetch_add(1, Ordering::Relaxed);
         } else {
             fail::fail_point!("chunkstore::upload::before_put", |_| Err(Error::Injected(
                 "chunkstore::upload::before_put"
             )));
-            let key = self.chunk_key(&layout.hash);
-            let body = bytes::Bytes::from(obj);
-            self.retry("upload chunk", || {
-                self.store
-                    .put(&key, object_store::PutPayload::from(body.clone()))
-            })
-            .await?;
-            self.stats.uploaded_chunks.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .uploaded_bytes
-                .fetch_add(layout.object_bytes, Ordering::Relaxed);
+            self.put_chunk(&layout, obj).await?;
         }
         Ok((cid.0, layout))
+    }
+
+    /// Reads a chunk from its segment file and compresses it (off the async threads).
+    async fn encode_chunk(
+        &self,
+        local: &LocalStore,
+        seg: &Segment,
+        cid: ChunkId,
+        used: u32,
+    ) -> Result<(Vec<u8>, ChunkLayout)> {
+        let (buf, blocks) = read_chunk(local, seg, cid, used).await?;
+        let level = self.cfg.zstd_level;
+        tokio::task::spawn_blocking(move || {
+            format::encode(&buf.as_slice()[..blocks * BLOCK_SIZE], level)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("compression task: {e}")))?
+        .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    async fn put_chunk(&self, layout: &ChunkLayout, obj: Vec<u8>) -> Result<()> {
+        let key = self.chunk_key(&layout.hash);
+        let body = bytes::Bytes::from(obj);
+        self.retry("upload chunk", || {
+            self.store
+                .put(&key, object_store::PutPayload::from(body.clone()))
+        })
+        .await?;
+        self.stats.uploaded_chunks.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .uploaded_bytes
+            .fetch_add(layout.object_bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// A manifest is about to reference these chunks: check their objects exist (another
@@ -412,34 +429,14 @@ impl Tier {
                     })?;
                     tracing::warn!(chunk = c, "chunk object vanished; uploading it again");
                     let used = seg.used_blocks.load(Ordering::Acquire);
-                    self.upload_chunk_forced(local, &seg, cid, used).await?;
+                    let (obj, layout) = self.encode_chunk(local, &seg, cid, used).await?;
+                    self.put_chunk(&layout, obj).await?;
                 }
                 Err(e) => return Err(e),
             }
             newly.push(c);
         }
         self.meta.mark_manifested(&newly)
-    }
-
-    async fn upload_chunk_forced(
-        &self,
-        local: &LocalStore,
-        seg: &Arc<Segment>,
-        cid: ChunkId,
-        used: u32,
-    ) -> Result<()> {
-        let (buf, blocks) = read_chunk(local, seg, cid, used).await?;
-        let (obj, layout) =
-            format::encode(&buf.as_slice()[..blocks * BLOCK_SIZE], self.cfg.zstd_level)
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-        let key = self.chunk_key(&layout.hash);
-        let body = bytes::Bytes::from(obj);
-        self.retry("upload chunk", || {
-            self.store
-                .put(&key, object_store::PutPayload::from(body.clone()))
-        })
-        .await?;
-        Ok(())
     }
 
     // ---- fetch --------------------------------------------------------------------
@@ -743,21 +740,19 @@ impl Tier {
         Ok(n)
     }
 
-    /// Compressed bytes of the live chunks of a stream's segments.
-    pub fn stored_bytes(&self, stream: u64) -> Result<u64> {
-        let mut total = 0;
+    /// Compressed bytes of the live chunks of each append stream (one volume each).
+    pub fn stored_bytes_by_stream(&self) -> Result<HashMap<u64, u64>> {
+        let mut out = HashMap::new();
         for (seg, rec) in self.meta.segs()? {
-            if rec.stream != stream {
-                continue;
-            }
-            total += self
+            let bytes: u64 = self
                 .meta
                 .seg_chunks(seg)?
                 .iter()
                 .map(|(_, l)| l.object_bytes)
-                .sum::<u64>();
+                .sum();
+            *out.entry(rec.stream).or_insert(0) += bytes;
         }
-        Ok(total)
+        Ok(out)
     }
 }
 

@@ -92,19 +92,9 @@ struct Args {
     targets: Vec<String>,
 }
 
+/// A size as blockd parses it, a non-zero multiple of 1 MiB.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        _ => return Err(format!("invalid size unit in {s:?}")),
-    };
-    let v = n << shift;
+    let v = blockd::size::parse_size(s)?;
     if v == 0 || !v.is_multiple_of(1 << 20) {
         return Err("size must be a non-zero multiple of 1M".into());
     }
