@@ -55,33 +55,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Pretty JSON, then a last line with the crc32c of the JSON in hex: bytes damaged in
-    /// transit that still parse (a flipped digit) are caught by the checksum.
+    /// Pretty JSON with a checksum line (damaged bytes that still parse are caught).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let crc = crc32c::crc32c(&b);
-        b.extend_from_slice(format!("\n{crc:08x}\n").as_bytes());
+        chunkstore::remote::append_checksum(&mut b);
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
-        let bad = |m: String| ManifestError::Manifest(m);
-        let body = b.strip_suffix(b"\n").unwrap_or(b);
-        let nl = body
-            .iter()
-            .rposition(|c| *c == b'\n')
-            .ok_or_else(|| bad("no checksum line".into()))?;
-        let (json, tail) = (&body[..nl], &body[nl + 1..]);
-        let want = std::str::from_utf8(tail)
-            .ok()
-            .and_then(|t| u32::from_str_radix(t, 16).ok())
-            .ok_or_else(|| bad("unreadable checksum line".into()))?;
-        let got = crc32c::crc32c(json);
-        if got != want {
-            return Err(bad(format!(
-                "checksum mismatch: stored {want:08x}, computed {got:08x}"
-            )));
-        }
+        let json = chunkstore::remote::strip_checksum(b).map_err(ManifestError::Manifest)?;
         let m: Manifest =
             serde_json::from_slice(json).map_err(|e| ManifestError::Manifest(e.to_string()))?;
         if m.format != MANIFEST_FORMAT {

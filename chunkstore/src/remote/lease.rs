@@ -411,7 +411,7 @@ impl Io<'_> {
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.store_err(e)),
             };
-            match checked_json(&bytes) {
+            match super::strip_checksum(&bytes) {
                 Ok(json) => match serde_json::from_slice(json) {
                     Ok(v) => return Ok(Some(v)),
                     Err(e) => last = e.to_string(),
@@ -458,37 +458,14 @@ impl Io<'_> {
     }
 }
 
-/// A record as stored: its JSON, a newline, and the crc32c of the JSON in hex. The
-/// checksum catches bytes damaged on the way that still parse (a flipped bit in an owner
-/// name or a digit), which JSON parsing alone would take for a different record.
+/// A record as stored: its JSON with a checksum line ([`super::append_checksum`]).
 fn to_json<T: Serialize>(v: &T) -> Result<PutPayload, LeaseError> {
     let mut body = serde_json::to_vec(v).map_err(|e| LeaseError::Corrupt {
         path: String::new(),
         reason: format!("encoding: {e}"),
     })?;
-    let crc = crc32c::crc32c(&body);
-    body.extend_from_slice(format!("\n{crc:08x}").as_bytes());
+    super::append_checksum(&mut body);
     Ok(PutPayload::from(body))
-}
-
-/// The JSON of a stored record whose checksum matches.
-fn checked_json(body: &[u8]) -> Result<&[u8], String> {
-    let nl = body
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .ok_or("no checksum line")?;
-    let (json, tail) = (&body[..nl], &body[nl + 1..]);
-    let want = std::str::from_utf8(tail)
-        .ok()
-        .and_then(|t| u32::from_str_radix(t.trim(), 16).ok())
-        .ok_or("unreadable checksum line")?;
-    let got = crc32c::crc32c(json);
-    if got != want {
-        return Err(format!(
-            "checksum mismatch: stored {want:08x}, computed {got:08x}"
-        ));
-    }
-    Ok(json)
 }
 
 fn now_ms() -> u64 {

@@ -74,6 +74,35 @@ impl Remote {
     }
 }
 
+/// Appends a checksum line to a small text object (a lease record, a manifest): a
+/// newline, the crc32c of the body in hex, a newline. Bytes damaged on the way that still
+/// parse (a flipped digit) are caught by [`strip_checksum`].
+pub fn append_checksum(body: &mut Vec<u8>) {
+    let crc = crc32c::crc32c(body);
+    body.extend_from_slice(format!("\n{crc:08x}\n").as_bytes());
+}
+
+/// The body of an object written with [`append_checksum`], if its checksum matches.
+pub fn strip_checksum(object: &[u8]) -> Result<&[u8], String> {
+    let object = object.strip_suffix(b"\n").unwrap_or(object);
+    let nl = object
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .ok_or("no checksum line")?;
+    let (body, tail) = (&object[..nl], &object[nl + 1..]);
+    let want = std::str::from_utf8(tail)
+        .ok()
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .ok_or("unreadable checksum line")?;
+    let got = crc32c::crc32c(body);
+    if got != want {
+        return Err(format!(
+            "checksum mismatch: stored {want:08x}, computed {got:08x}"
+        ));
+    }
+    Ok(body)
+}
+
 #[cfg(test)]
 mod tests {
     use object_store::{ObjectStoreExt, PutPayload};
