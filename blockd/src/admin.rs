@@ -101,6 +101,12 @@ pub struct Status {
     pub volumes: usize,
     pub local_bytes: u64,
     pub direct_io: bool,
+    /// Directory of the per-volume vhost-user sockets (`None` when vhost-user is off).
+    #[serde(default)]
+    pub vhost_dir: Option<String>,
+    /// Whether an object store is configured (`volume sync` works).
+    #[serde(default)]
+    pub object_store: bool,
 }
 
 #[derive(Clone)]

@@ -217,6 +217,11 @@ impl Engine {
         &self.core.snap
     }
 
+    /// Whether an object store is configured (volumes can be synced and imported).
+    pub fn has_object_store(&self) -> bool {
+        self.objects.is_some()
+    }
+
     fn slot(&self, name: &str) -> Result<Arc<Slot>, EngineError> {
         let mut slots = self.slots.lock();
         if let Some(s) = slots.get(name) {

@@ -217,7 +217,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let nbd_socket = Some(nbd_path.display().to_string());
     let nbd_tcp = cfg.nbd.tcp.map(|a| a.to_string());
     let metrics = metrics_bound.map(|a| format!("http://{a}/metrics"));
+    let vhost_dir = vhost.as_ref().map(|v| v.dir().display().to_string());
     let status = Arc::new(move || {
+        let has_store = status_engine
+            .upgrade()
+            .is_some_and(|e| e.has_object_store());
         let (volumes, local_bytes, direct_io) = match status_engine.upgrade() {
             Some(e) => (
                 e.snapshotter().list_volumes().len(),
@@ -235,6 +239,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             volumes,
             local_bytes,
             direct_io,
+            vhost_dir: vhost_dir.clone(),
+            object_store: has_store,
         }
     });
     let admin_listener = bind_unix(&admin_path).await?;

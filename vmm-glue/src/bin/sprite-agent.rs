@@ -1,0 +1,74 @@
+//! `sprite-agent`: the guest runtime. Started by the sprite's init; serves the host over the
+//! virtio-serial port `sprite.agent` (see `vmm_glue::proto`).
+//!
+//!   sprite-agent                      find the port under /sys/class/virtio-ports
+//!   sprite-agent --port /dev/vport1p1 use this character device
+//!   sprite-agent --connect PATH       connect to a unix socket instead (host-side tests)
+//!   --root DIR                        filesystem that freeze/fstrim act on (default /)
+
+use std::time::{Duration, Instant};
+use vmm_glue::agent::{Agent, find_port};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut port: Option<String> = None;
+    let mut connect: Option<String> = None;
+    let mut root = "/".to_string();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--port" => port = args.next(),
+            "--connect" => connect = args.next(),
+            "--root" => root = args.next().unwrap_or(root),
+            "--version" => {
+                println!("sprite-agent {}", env!("CARGO_PKG_VERSION"));
+                return;
+            }
+            other => {
+                eprintln!("sprite-agent: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    // SAFETY: ignoring SIGPIPE: writes to closed pipes/sockets become errors.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    if let Some(path) = connect {
+        let s = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sprite-agent: connect {path}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let w = s.try_clone().expect("clone socket");
+        let agent = Agent::new(Box::new(w), &root);
+        agent.serve(s, false);
+        return;
+    }
+    let path = match port {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(p) = find_port() {
+                    break p;
+                }
+                if Instant::now() > deadline {
+                    eprintln!("sprite-agent: no virtio-serial port named {}", vmm_glue::proto::PORT_NAME);
+                    std::process::exit(1);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let open = || std::fs::OpenOptions::new().read(true).write(true).open(&path);
+    let (r, w) = match open().and_then(|r| Ok((r.try_clone()?, r))) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("sprite-agent: open {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    };
+    eprintln!("sprite-agent: serving on {}", path.display());
+    let agent = Agent::new(Box::new(w), &root);
+    agent.serve(r, true);
+}

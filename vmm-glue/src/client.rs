@@ -1,0 +1,175 @@
+//! Client of `sprited`'s control socket (used by the `sprited` CLI subcommands and tests).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach sprited at {socket}: {reason} (is `sprited serve` running?)")]
+    Unreachable { socket: String, reason: String },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected response: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// CLI exit status (docs/sprites.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Unreachable { .. } => 7,
+            ClientError::Api { status, .. } => match status {
+                404 => 3,
+                409 => 4,
+                400 | 422 => 5,
+                503 => 6,
+                _ => 1,
+            },
+            ClientError::Protocol(_) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Sends a request; returns the response (status checked: errors become `Api`).
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            socket: self.socket.display().to_string(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "sprited")
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp);
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Err(ClientError::Api {
+            status,
+            code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
+            message: v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
+        })
+    }
+
+    /// A JSON call.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let b = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+        let resp = self.send(method, path, b).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Raw bytes of a response (file downloads).
+    pub async fn bytes(&self, method: &str, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        Ok(resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes())
+    }
+
+    /// Follows an NDJSON stream, calling `f` per line (a JSON value).
+    pub async fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        mut f: impl FnMut(Value),
+    ) -> Result<(), ClientError> {
+        let b = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+        let mut body = self.send(method, path, b).await?.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Some(d) = frame.data_ref() {
+                buf.extend_from_slice(d);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    if let Ok(v) = serde_json::from_slice(&line) {
+                        f(v);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    let mut o = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            o.push(b as char);
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}

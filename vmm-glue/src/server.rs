@@ -1,0 +1,506 @@
+//! `sprited`'s control API: HTTP/JSON on a unix socket (docs/sprites.md lists every
+//! endpoint). Command output streams as NDJSON.
+
+use crate::manager::{Manager, Pause, SettingsPatch, SpriteError};
+use crate::proto::{Event, ExecSpec, Op};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Largest file upload through `PUT .../fs`.
+pub const MAX_UPLOAD: usize = 1 << 30;
+/// Largest JSON body.
+const MAX_JSON: usize = 16 << 20;
+
+#[derive(Clone)]
+struct App {
+    m: Arc<Manager>,
+}
+
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            axum::Json(json!({"error": {"code": self.1, "message": self.2}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<SpriteError> for ApiError {
+    fn from(e: SpriteError) -> Self {
+        ApiError(
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.code(),
+            e.to_string(),
+        )
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn bad(msg: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid_argument", msg.to_string())
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+    if body.len() > MAX_JSON {
+        return Err(bad("request body too large"));
+    }
+    let b: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(b).map_err(|e| bad(format!("bad request body: {e}")))
+}
+
+pub fn router(m: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/images", get(images).post(build_image))
+        .route("/v1/sprites", get(list).post(create))
+        .route(
+            "/v1/sprites/{name}",
+            get(describe).delete(destroy).put(update).patch(update),
+        )
+        .route("/v1/sprites/{name}/exec", post(exec))
+        .route("/v1/sprites/{name}/sessions", get(sessions))
+        .route("/v1/sprites/{name}/sessions/{id}/attach", get(attach))
+        .route("/v1/sprites/{name}/sessions/{id}/stdin", post(stdin))
+        .route(
+            "/v1/sprites/{name}/sessions/{id}",
+            axum::routing::delete(kill_session),
+        )
+        .route("/v1/sprites/{name}/hibernate", post(hibernate))
+        .route("/v1/sprites/{name}/wake", post(wake))
+        .route("/v1/sprites/{name}/fs", get(download).put(upload))
+        .route("/v1/sprites/{name}/ls", get(ls))
+        .route(
+            "/v1/sprites/{name}/checkpoints",
+            get(checkpoints).post(checkpoint),
+        )
+        .route(
+            "/v1/sprites/{name}/checkpoints/{id}",
+            axum::routing::delete(delete_checkpoint),
+        )
+        .route("/v1/sprites/{name}/checkpoints/{id}/restore", post(restore))
+        .route("/v1/sprites/{name}/fork", post(fork))
+        .route("/v1/sprites/{name}/usage", get(usage))
+        .route("/v1/sprites/{name}/kill-vm", post(kill_vm))
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD))
+        .with_state(App { m })
+}
+
+async fn status(State(a): State<App>) -> impl IntoResponse {
+    axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "vmm": a.m.launcher_name(),
+        "sprites": a.m.list().len(),
+        "data_dir": a.m.config().data_dir,
+        "proxy_url": a.m.config().proxy_url,
+        "domain": a.m.config().domain,
+    }))
+}
+
+async fn images(State(a): State<App>) -> impl IntoResponse {
+    axum::Json(json!({"images": crate::image::list(&crate::manager::images_dir(&a.m.config().data_dir))}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildImage {
+    name: String,
+    #[serde(default = "default_image_mib")]
+    size_mib: u64,
+}
+
+fn default_image_mib() -> u64 {
+    1024
+}
+
+async fn build_image(State(a): State<App>, body: Bytes) -> ApiResult<Response> {
+    let req: BuildImage = parse(&body)?;
+    if !(64..=1 << 20).contains(&req.size_mib) {
+        return Err(bad("size_mib must be 64..1048576"));
+    }
+    let cfg = a.m.config();
+    let rec = crate::image::build(
+        a.m.blockd(),
+        a.m.nbd_socket(),
+        &crate::manager::images_dir(&cfg.data_dir),
+        &req.name,
+        req.size_mib,
+        &cfg.agent_bin,
+    )
+    .await
+    .map_err(|e| {
+        let msg = format!("{e:#}");
+        if msg.contains("already exists") {
+            ApiError(StatusCode::CONFLICT, "already_exists", msg)
+        } else if msg.contains("invalid name") {
+            bad(msg)
+        } else {
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
+        }
+    })?;
+    Ok((StatusCode::CREATED, axum::Json(rec)).into_response())
+}
+
+async fn list(State(a): State<App>) -> impl IntoResponse {
+    axum::Json(json!({"sprites": a.m.list()}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    image: Option<String>,
+    #[serde(default)]
+    settings: SettingsPatch,
+}
+
+async fn create(State(a): State<App>, body: Bytes) -> ApiResult<Response> {
+    let req: Create = parse(&body)?;
+    let (v, t) = a.m.create(&req.name, req.image.as_deref(), &req.settings).await?;
+    let mut out = serde_json::to_value(v).unwrap_or_default();
+    out["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+async fn describe(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(a.m.describe(&name).await?).into_response())
+}
+
+async fn destroy(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    a.m.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn update(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let p: SettingsPatch = parse(&body)?;
+    Ok(axum::Json(a.m.update_settings(&name, &p).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecReq {
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    #[serde(default)]
+    tty: bool,
+    rows: Option<u16>,
+    cols: Option<u16>,
+    #[serde(default)]
+    detachable: bool,
+    /// Base64 data written to the command's stdin (then closed, unless the command is
+    /// detachable and `stdin` is absent).
+    stdin: Option<String>,
+}
+
+fn event_line(ev: &Event) -> Bytes {
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    let v = match ev {
+        Event::Output { stream, data } => json!({"event": "output", "stream": stream, "data": b64(data)}),
+        Event::Exit { code, signal } => json!({"event": "exit", "code": code, "signal": signal}),
+        Event::Error { message } => json!({"event": "error", "message": message}),
+        other => json!({"event": "other", "detail": format!("{other:?}")}),
+    };
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+fn stream_handle(h: crate::manager::ExecHandle, first: Option<Bytes>) -> Response {
+    let s = futures::stream::unfold((h, first, false), |(mut h, first, done)| async move {
+        if let Some(f) = first {
+            return Some((Ok::<_, std::convert::Infallible>(f), (h, None, false)));
+        }
+        if done {
+            return None;
+        }
+        match h.next().await {
+            Some(ev) => {
+                let end = matches!(ev, Event::Exit { .. } | Event::Error { .. });
+                Some((Ok(event_line(&ev)), (h, None, end)))
+            }
+            None => {
+                if h.finished_without_exit() {
+                    let l = event_line(&Event::Error {
+                        message: "the sprite's VM went away".into(),
+                    });
+                    return Some((Ok(l), (h, None, true)));
+                }
+                None
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(s))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn exec(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: ExecReq = parse(&body)?;
+    let stdin = match &req.stdin {
+        Some(s) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|e| bad(format!("stdin is not base64: {e}")))?,
+        ),
+        None => None,
+    };
+    let spec = ExecSpec {
+        args: req.args,
+        env: req.env,
+        cwd: req.cwd,
+        tty: req.tty,
+        rows: req.rows,
+        cols: req.cols,
+        detachable: req.detachable,
+    };
+    let detachable = spec.detachable;
+    let h = a.m.exec(&name, spec).await?;
+    if let Some(data) = stdin {
+        for chunk in data.chunks(crate::proto::MAX_CHUNK) {
+            h.stdin(chunk.to_vec())?;
+        }
+        h.close_stdin()?;
+    } else if !detachable {
+        h.close_stdin()?;
+    }
+    let first = json!({"event": "started", "session": h.session, "pid": h.pid}).to_string() + "\n";
+    Ok(stream_handle(h, Some(Bytes::from(first))))
+}
+
+async fn sessions(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    let v = a.m.agent_call(&name, Op::Sessions).await?;
+    Ok(axum::Json(json!({"sessions": v})).into_response())
+}
+
+async fn attach(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+    // Fail fast on an unknown session (the agent would only say so in the stream).
+    let list = a.m.agent_call(&name, Op::Sessions).await?;
+    let known = list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()));
+    if !known {
+        return Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no session {id:?} in {name}")));
+    }
+    let h = a.m.attach(&name, &id).await?;
+    Ok(stream_handle(h, None))
+}
+
+async fn stdin(
+    State(a): State<App>,
+    Path((name, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let list = a.m.agent_call(&name, Op::Sessions).await?;
+    if !list.as_array().is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str())) {
+        return Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no session {id:?} in {name}")));
+    }
+    let (_g, agent) = a.m.hold(&name, "stdin").await?;
+    for chunk in body.chunks(crate::proto::MAX_CHUNK) {
+        agent
+            .notify(Op::Stdin { session: id.clone(), data: chunk.to_vec() })
+            .map_err(SpriteError::from)?;
+    }
+    if q.get("close").is_some_and(|v| v == "true" || v == "1") {
+        agent
+            .notify(Op::CloseStdin { session: id.clone() })
+            .map_err(SpriteError::from)?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn kill_session(
+    State(a): State<App>,
+    Path((name, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let signal = match q.get("signal") {
+        Some(s) => s.parse::<i32>().map_err(|_| bad("signal must be a number"))?,
+        None => libc::SIGKILL,
+    };
+    a.m.agent_call(&name, Op::Kill { session: id, signal })
+        .await
+        .map_err(|e| match e {
+            SpriteError::Invalid(m) if m.starts_with("no session") => {
+                ApiError(StatusCode::NOT_FOUND, "not_found", m)
+            }
+            other => other.into(),
+        })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hibernate {
+    #[serde(default = "warm")]
+    mode: Pause,
+}
+
+fn warm() -> Pause {
+    Pause::Warm
+}
+
+async fn hibernate(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: Hibernate = parse(&body)?;
+    let t = a.m.hibernate(&name, req.mode, "requested").await?;
+    let mut v = serde_json::to_value(a.m.view(&name)?).unwrap_or_default();
+    v["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok(axum::Json(v).into_response())
+}
+
+async fn wake(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    let t = a.m.wake(&name, "requested").await?;
+    let mut v = serde_json::to_value(a.m.view(&name)?).unwrap_or_default();
+    v["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok(axum::Json(v).into_response())
+}
+
+fn path_param(q: &HashMap<String, String>) -> ApiResult<String> {
+    let p = q.get("path").ok_or_else(|| bad("missing ?path="))?;
+    if !p.starts_with('/') {
+        return Err(bad("path must be absolute"));
+    }
+    Ok(p.clone())
+}
+
+async fn download(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let path = path_param(&q)?;
+    let mut out = Vec::new();
+    loop {
+        let v = a
+            .m
+            .agent_call(
+                &name,
+                Op::ReadFile { path: path.clone(), offset: out.len() as u64, len: crate::proto::MAX_CHUNK as u64 },
+            )
+            .await
+            .map_err(not_found_if_missing)?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(v["data"].as_str().unwrap_or("").as_bytes())
+            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, "internal", e.to_string()))?;
+        out.extend_from_slice(&data);
+        if v["eof"].as_bool().unwrap_or(true) || data.is_empty() {
+            break;
+        }
+        if out.len() > MAX_UPLOAD {
+            return Err(bad("file too large for one download"));
+        }
+    }
+    Ok(([("content-type", "application/octet-stream")], out).into_response())
+}
+
+fn not_found_if_missing(e: SpriteError) -> ApiError {
+    match e {
+        SpriteError::Invalid(m) if m.contains("No such file") => ApiError(StatusCode::NOT_FOUND, "not_found", m),
+        other => other.into(),
+    }
+}
+
+async fn upload(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let path = path_param(&q)?;
+    let mode = match q.get("mode") {
+        Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| bad("mode must be octal, e.g. 644"))?),
+        None => None,
+    };
+    let mut first = true;
+    let chunks: Vec<&[u8]> = if body.is_empty() { vec![&[][..]] } else { body.chunks(crate::proto::MAX_CHUNK).collect() };
+    for c in chunks {
+        a.m.agent_call(
+            &name,
+            Op::WriteFile { path: path.clone(), data: c.to_vec(), mode, append: !first },
+        )
+        .await?;
+        first = false;
+    }
+    Ok((StatusCode::CREATED, axum::Json(json!({"path": path, "size": body.len()}))).into_response())
+}
+
+async fn ls(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let path = path_param(&q)?;
+    let v = a.m.agent_call(&name, Op::ListDir { path }).await.map_err(not_found_if_missing)?;
+    Ok(axum::Json(json!({"entries": v})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointReq {
+    comment: Option<String>,
+}
+
+async fn checkpoint(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: CheckpointReq = parse(&body)?;
+    let (mut ck, t) = a.m.checkpoint(&name, req.comment.as_deref()).await?;
+    ck["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok((StatusCode::CREATED, axum::Json(ck)).into_response())
+}
+
+async fn checkpoints(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(a.m.checkpoints(&name).await?).into_response())
+}
+
+async fn delete_checkpoint(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+    a.m.delete_checkpoint(&name, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn restore(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+    let (mut v, t) = a.m.restore(&name, &id).await?;
+    v["timings"] = serde_json::to_value(t).unwrap_or_default();
+    v["sprite"] = serde_json::to_value(a.m.view(&name)?).unwrap_or_default();
+    Ok(axum::Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForkReq {
+    checkpoint: String,
+    name: String,
+    #[serde(default)]
+    settings: SettingsPatch,
+}
+
+async fn fork(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    let req: ForkReq = parse(&body)?;
+    let (v, t) = a.m.fork(&name, &req.checkpoint, &req.name, &req.settings).await?;
+    let mut out = serde_json::to_value(v).unwrap_or_default();
+    out["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok((StatusCode::CREATED, axum::Json(out)).into_response())
+}
+
+async fn usage(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(axum::Json(a.m.usage(&name).await?).into_response())
+}
+
+async fn kill_vm(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
+    a.m.kill_vm(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
