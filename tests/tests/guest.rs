@@ -32,19 +32,8 @@ fn cache_dir() -> PathBuf {
     d
 }
 
-/// Serializes the guest tests of this machine: two emulated guests at once on 2 cores only
-/// make both slow. Held for the life of the returned file.
 fn guest_lock() -> std::fs::File {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(cache_dir().join("guest.lock"))
-        .unwrap();
-    // SAFETY: flock on a valid fd we own; released when the file is closed.
-    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-    assert_eq!(r, 0, "flock: {}", std::io::Error::last_os_error());
-    f
+    tests::guest_lock(&cache_dir())
 }
 
 struct Kernel {

@@ -218,7 +218,9 @@ impl Agent {
                 rows,
                 cols,
             } => match self.session(&session).and_then(|s| {
-                s.pty.as_ref().map(|p| set_winsize(p.as_raw_fd(), rows, cols))
+                s.pty
+                    .as_ref()
+                    .map(|p| set_winsize(p.as_raw_fd(), rows, cols))
             }) {
                 Some(Ok(())) => ok(serde_json::Value::Null),
                 Some(Err(e)) => err(e),

@@ -36,7 +36,10 @@ fn record_path(images_dir: &Path, name: &str) -> PathBuf {
 pub fn load(images_dir: &Path, name: &str) -> anyhow::Result<ImageRecord> {
     let p = record_path(images_dir, name);
     let s = std::fs::read(&p).with_context(|| {
-        format!("image {name:?} not found ({}): build it with `sprited image build --name {name}`", p.display())
+        format!(
+            "image {name:?} not found ({}): build it with `sprited image build --name {name}`",
+            p.display()
+        )
     })?;
     serde_json::from_slice(&s).with_context(|| format!("reading {}", p.display()))
 }
@@ -87,7 +90,10 @@ pub async fn build(
         bail!("image {name:?} already exists (build under another name)");
     }
     if !agent_bin.exists() {
-        bail!("sprite-agent not found at {} (cargo build -p vmm-glue)", agent_bin.display());
+        bail!(
+            "sprite-agent not found at {} (cargo build -p vmm-glue)",
+            agent_bin.display()
+        );
     }
     let t0 = Instant::now();
     let kver = host_kernel()?;
@@ -124,7 +130,15 @@ pub async fn build(
     let rootfs = dir.join("rootfs.ext4");
     let uri = format!("nbd+unix:///{volume}?socket={}", nbd_socket.display());
     let conv = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw"])
+        .args([
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+        ])
         .arg(&rootfs)
         .arg(&uri)
         .output()

@@ -142,7 +142,10 @@ impl SettingsPatch {
             return Err(format!("vcpus must be 1..16, got {}", n.vcpus));
         }
         if !(64..=65536).contains(&n.memory_mib) {
-            return Err(format!("memory_mib must be 64..65536, got {}", n.memory_mib));
+            return Err(format!(
+                "memory_mib must be 64..65536, got {}",
+                n.memory_mib
+            ));
         }
         if n.http_port == 0 {
             return Err("http_port must be 1..65535".into());
@@ -438,7 +441,9 @@ pub struct Manager {
 
 impl std::fmt::Debug for Sprite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sprite").field("name", &self.rec.lock().name).finish()
+        f.debug_struct("Sprite")
+            .field("name", &self.rec.lock().name)
+            .finish()
     }
 }
 
@@ -469,7 +474,11 @@ impl Manager {
         let vhost_dir = status["vhost_dir"]
             .as_str()
             .map(PathBuf::from)
-            .ok_or_else(|| anyhow::anyhow!("blockd serves no vhost-user sockets (vhost.enabled = false); sprites need them"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "blockd serves no vhost-user sockets (vhost.enabled = false); sprites need them"
+                )
+            })?;
         let nbd_socket = status["nbd_socket"]
             .as_str()
             .map(PathBuf::from)
@@ -496,7 +505,11 @@ impl Manager {
                     State::Active | State::Hibernating | State::Waking
                 ) || rec.pause == Some(Pause::Warm)
                 {
-                    push_transition(&mut rec, State::Hibernated, "manager restarted: the VM stopped with it");
+                    push_transition(
+                        &mut rec,
+                        State::Hibernated,
+                        "manager restarted: the VM stopped with it",
+                    );
                     rec.pause = Some(Pause::Cold);
                 }
                 let name = rec.name.clone();
@@ -622,8 +635,15 @@ impl Manager {
         patch.apply(&mut settings).map_err(SpriteError::Invalid)?;
         let image_name = image.unwrap_or(&self.cfg.default_image).to_string();
         let img = self.image(&image_name)?;
-        self.create_from(name, &img.volume, &img.checkpoint, &image_name, None, settings)
-            .await
+        self.create_from(
+            name,
+            &img.volume,
+            &img.checkpoint,
+            &image_name,
+            None,
+            settings,
+        )
+        .await
     }
 
     async fn create_from(
@@ -697,7 +717,12 @@ impl Manager {
         let t0 = Instant::now();
         let (name, image_name, settings, volume) = {
             let r = s.rec.lock();
-            (r.name.clone(), r.image.clone(), r.settings.clone(), r.volume.clone())
+            (
+                r.name.clone(),
+                r.image.clone(),
+                r.settings.clone(),
+                r.volume.clone(),
+            )
         };
         if let Some(old) = s.run.lock().take() {
             old.vm.kill();
@@ -737,7 +762,12 @@ impl Manager {
         };
         let agent = match AgentConn::connect(&vm.agent_socket(), Duration::from_secs(10)).await {
             Ok(a) => a,
-            Err(e) => return Err(fail(vm, format!("cannot connect to the guest runtime's port: {e}"))),
+            Err(e) => {
+                return Err(fail(
+                    vm,
+                    format!("cannot connect to the guest runtime's port: {e}"),
+                ));
+            }
         };
         if let Err(e) = agent.wait_ready(self.cfg.boot_timeout).await {
             let why = match vm.exited() {
@@ -841,7 +871,11 @@ impl Manager {
     }
 
     /// Keeps the sprite awake while the guard lives (wakes it first).
-    pub async fn hold(self: &Arc<Self>, name: &str, reason: &str) -> Result<(ActivityGuard, AgentConn)> {
+    pub async fn hold(
+        self: &Arc<Self>,
+        name: &str,
+        reason: &str,
+    ) -> Result<(ActivityGuard, AgentConn)> {
         let (s, r, _) = self.ensure_running(name, reason).await?;
         Ok((ActivityGuard::new(s), r.agent.clone()))
     }
@@ -862,7 +896,9 @@ impl Manager {
                     self.cfg.agent_timeout
                 )))
             }
-            Ok(None) => Err(SpriteError::Unavailable("guest runtime connection closed".into())),
+            Ok(None) => Err(SpriteError::Unavailable(
+                "guest runtime connection closed".into(),
+            )),
             Ok(Some(Event::Started { session, pid })) => Ok(ExecHandle {
                 session,
                 pid,
@@ -938,7 +974,12 @@ impl Manager {
         self.hibernate_locked(&s, pause, reason).await
     }
 
-    async fn hibernate_locked(&self, s: &Arc<Sprite>, pause: Pause, reason: &str) -> Result<Timings> {
+    async fn hibernate_locked(
+        &self,
+        s: &Arc<Sprite>,
+        pause: Pause,
+        reason: &str,
+    ) -> Result<Timings> {
         let t0 = Instant::now();
         let (state, cur) = {
             let r = s.rec.lock();
@@ -977,7 +1018,13 @@ impl Manager {
                 // The guest writes back its page cache, gives back trimmed blocks and freezes
                 // (a clean journal) before the VMM stops.
                 let t = self.cfg.agent_timeout;
-                for op in [Op::Sync, Op::Fstrim, Op::Freeze { timeout_ms: Some(60_000) }] {
+                for op in [
+                    Op::Sync,
+                    Op::Fstrim,
+                    Op::Freeze {
+                        timeout_ms: Some(60_000),
+                    },
+                ] {
                     let what = format!("{op:?}");
                     if let Err(e) = r.agent.call(op, t).await {
                         notes.push(format!("{what}: {e}"));
@@ -1042,22 +1089,37 @@ impl Manager {
             (r.state, r.pause, r.volume.clone())
         };
         let run = s.running();
-        let live = run.as_ref().filter(|_| state == State::Active || pause == Some(Pause::Warm));
+        let live = run
+            .as_ref()
+            .filter(|_| state == State::Active || pause == Some(Pause::Warm));
         let t = self.cfg.agent_timeout;
         let mut vmm = Duration::ZERO;
         if let Some(r) = live {
             let tv = Instant::now();
             if pause == Some(Pause::Warm) {
-                r.vm.resume().await.map_err(|e| SpriteError::Unavailable(format!("{e:#}")))?;
+                r.vm.resume()
+                    .await
+                    .map_err(|e| SpriteError::Unavailable(format!("{e:#}")))?;
             }
-            r.agent.call(Op::Freeze { timeout_ms: Some(30_000) }, t).await?;
+            r.agent
+                .call(
+                    Op::Freeze {
+                        timeout_ms: Some(30_000),
+                    },
+                    t,
+                )
+                .await?;
             vmm += tv.elapsed();
         }
         let ts = Instant::now();
         let body = serde_json::json!({"comment": comment.unwrap_or("sprite checkpoint")});
         let res = self
             .blockd
-            .call("POST", &format!("/v1/volumes/{volume}/checkpoints"), Some(body))
+            .call(
+                "POST",
+                &format!("/v1/volumes/{volume}/checkpoints"),
+                Some(body),
+            )
             .await;
         let storage = ts.elapsed();
         if let Some(r) = live {
@@ -1092,21 +1154,33 @@ impl Manager {
     pub async fn delete_checkpoint(&self, name: &str, id: &str) -> Result<()> {
         let volume = self.get(name)?.rec.lock().volume.clone();
         self.blockd
-            .call("DELETE", &format!("/v1/volumes/{volume}/checkpoints/{id}"), None)
+            .call(
+                "DELETE",
+                &format!("/v1/volumes/{volume}/checkpoints/{id}"),
+                None,
+            )
             .await?;
         Ok(())
     }
 
     /// Restore: stop the VM, restore the volume (blockd keeps the replaced head as a
     /// checkpoint), boot.
-    pub async fn restore(&self, name: &str, checkpoint: &str) -> Result<(serde_json::Value, Timings)> {
+    pub async fn restore(
+        &self,
+        name: &str,
+        checkpoint: &str,
+    ) -> Result<(serde_json::Value, Timings)> {
         let s = self.get(name)?;
         let _op = s.op.lock().await;
         let t0 = Instant::now();
         let volume = s.rec.lock().volume.clone();
         // Validate before stopping anything.
         self.blockd
-            .call("GET", &format!("/v1/volumes/{volume}/checkpoints/{checkpoint}"), None)
+            .call(
+                "GET",
+                &format!("/v1/volumes/{volume}/checkpoints/{checkpoint}"),
+                None,
+            )
             .await?;
         let mut vmm = Duration::ZERO;
         if let Some(r) = s.running() {
@@ -1135,7 +1209,12 @@ impl Manager {
             Ok(v) => v,
             Err(e) => {
                 let e: SpriteError = e.into();
-                self.set_state(&s, State::Error, None, &format!("restore {checkpoint}: {e}"));
+                self.set_state(
+                    &s,
+                    State::Error,
+                    None,
+                    &format!("restore {checkpoint}: {e}"),
+                );
                 return Err(e);
             }
         };
@@ -1289,7 +1368,9 @@ impl Manager {
             }
             self.meter(&s);
             // Usage is saved every few seconds (and at every transition).
-            if s.dirty.load(Ordering::Relaxed) && s.last_saved.lock().elapsed() >= Duration::from_secs(5) {
+            if s.dirty.load(Ordering::Relaxed)
+                && s.last_saved.lock().elapsed() >= Duration::from_secs(5)
+            {
                 self.persist(&s);
             }
             match (state, pause) {
@@ -1307,7 +1388,9 @@ impl Manager {
                     let s2 = s.clone();
                     tokio::spawn(async move {
                         let act = r.agent.call(Op::Activity, me.cfg.agent_timeout).await;
-                        match act.map(|v| serde_json::from_value::<ActivityInfo>(v).unwrap_or_default()) {
+                        match act
+                            .map(|v| serde_json::from_value::<ActivityInfo>(v).unwrap_or_default())
+                        {
                             Ok(a) if a.running_sessions > 0 || a.tcp_connections > 0 => s2.touch(),
                             Ok(_) => {
                                 let reason = format!("idle for {}s", settings.idle_warm_secs);
@@ -1321,21 +1404,26 @@ impl Manager {
                                     let _ = me.hibernate_locked(&s2, Pause::Warm, &reason).await;
                                 }
                             }
-                            Err(AgentError::Timeout(_)) => me.runtime_unresponsive(&name, "an activity check").await,
+                            Err(AgentError::Timeout(_)) => {
+                                me.runtime_unresponsive(&name, "an activity check").await
+                            }
                             Err(e) => tracing::warn!(sprite = %name, %e, "activity check failed"),
                         }
                     });
                 }
                 (State::Hibernated, Some(Pause::Warm)) => {
                     let since = s.paused_at.lock().map(|t| t.elapsed()).unwrap_or_default();
-                    if settings.idle_cold_secs > 0 && since >= Duration::from_secs(settings.idle_cold_secs) {
+                    if settings.idle_cold_secs > 0
+                        && since >= Duration::from_secs(settings.idle_cold_secs)
+                    {
                         drop(op);
                         let me = self.clone();
                         let s2 = s.clone();
                         tokio::spawn(async move {
                             let _op = s2.op.lock().await;
                             if s2.rec.lock().pause == Some(Pause::Warm) {
-                                let reason = format!("paused warm for {}s", settings.idle_cold_secs);
+                                let reason =
+                                    format!("paused warm for {}s", settings.idle_cold_secs);
                                 let _ = me.hibernate_locked(&s2, Pause::Cold, &reason).await;
                             }
                         });
@@ -1354,7 +1442,9 @@ impl Manager {
             tokio::spawn(async move {
                 let _op = s.op.lock().await;
                 if s.rec.lock().pause == Some(Pause::Warm) {
-                    let _ = me.hibernate_locked(&s, Pause::Cold, "host memory pressure").await;
+                    let _ = me
+                        .hibernate_locked(&s, Pause::Cold, "host memory pressure")
+                        .await;
                 }
             });
         }
@@ -1377,7 +1467,9 @@ impl Manager {
         for s in sprites {
             let _op = s.op.lock().await;
             if s.running().is_some() {
-                let _ = self.hibernate_locked(&s, Pause::Cold, "daemon shutdown").await;
+                let _ = self
+                    .hibernate_locked(&s, Pause::Cold, "daemon shutdown")
+                    .await;
             }
         }
     }
@@ -1466,10 +1558,29 @@ mod tests {
     #[test]
     fn settings_patch_validates() {
         let mut s = Settings::default();
-        assert!(SettingsPatch { vcpus: Some(0), ..Default::default() }.apply(&mut s).is_err());
-        assert!(SettingsPatch { memory_mib: Some(1), ..Default::default() }.apply(&mut s).is_err());
+        assert!(
+            SettingsPatch {
+                vcpus: Some(0),
+                ..Default::default()
+            }
+            .apply(&mut s)
+            .is_err()
+        );
+        assert!(
+            SettingsPatch {
+                memory_mib: Some(1),
+                ..Default::default()
+            }
+            .apply(&mut s)
+            .is_err()
+        );
         assert_eq!(s, Settings::default(), "a rejected patch changes nothing");
-        SettingsPatch { idle_warm_secs: Some(5), ..Default::default() }.apply(&mut s).unwrap();
+        SettingsPatch {
+            idle_warm_secs: Some(5),
+            ..Default::default()
+        }
+        .apply(&mut s)
+        .unwrap();
         assert_eq!(s.idle_warm_secs, 5);
     }
 

@@ -78,18 +78,31 @@ pub enum Op {
     /// Starts a command. Events: `started {session, pid}`, then `output`, then `exit`.
     Exec(ExecSpec),
     /// Follows a detachable session: `output` (the scrollback first), then `exit`.
-    Attach { session: String },
+    Attach {
+        session: String,
+    },
     /// Stops following (the session keeps running).
-    Detach { session: String },
+    Detach {
+        session: String,
+    },
     Stdin {
         session: String,
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
-    CloseStdin { session: String },
-    Resize { session: String, rows: u16, cols: u16 },
+    CloseStdin {
+        session: String,
+    },
+    Resize {
+        session: String,
+        rows: u16,
+        cols: u16,
+    },
     /// Sends a signal to the session's process group.
-    Kill { session: String, signal: i32 },
+    Kill {
+        session: String,
+        signal: i32,
+    },
     /// Reply `ok` with a list of [`SessionInfo`].
     Sessions,
     /// Creates parent directories as needed; `append` adds to the end.
@@ -103,9 +116,15 @@ pub enum Op {
         append: bool,
     },
     /// Reply `ok` with `{data (base64), size, eof}`; at most [`MAX_CHUNK`] bytes.
-    ReadFile { path: String, offset: u64, len: u64 },
+    ReadFile {
+        path: String,
+        offset: u64,
+        len: u64,
+    },
     /// Reply `ok` with a list of [`DirEntry`].
-    ListDir { path: String },
+    ListDir {
+        path: String,
+    },
     /// Freezes the root filesystem (FIFREEZE); thawed by `thaw` or after `timeout_ms`.
     Freeze {
         #[serde(default)]
@@ -120,13 +139,17 @@ pub enum Op {
     Activity,
     /// Connects to `127.0.0.1:port` in the guest. Reply `ok`, then `tcp_data` events and
     /// `tcp_closed`; the host sends `tcp_send` / `tcp_close` with `conn` = this request's id.
-    TcpOpen { port: u16 },
+    TcpOpen {
+        port: u16,
+    },
     TcpSend {
         conn: u64,
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
-    TcpClose { conn: u64 },
+    TcpClose {
+        conn: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,7 +317,10 @@ mod tests {
             let f = encode(&r);
             let body = read_frame_body(&mut &f[..]).unwrap();
             let back: Request = decode(&body).unwrap();
-            assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&r).unwrap());
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&r).unwrap()
+            );
         }
         let rep = Reply {
             id: 3,
@@ -312,10 +338,19 @@ mod tests {
     fn bad_frames_are_errors() {
         let mut big = (MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
         big.extend_from_slice(b"{}");
-        assert!(matches!(read_frame_body(&mut &big[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame_body(&mut &big[..]),
+            Err(FrameError::TooLarge(_))
+        ));
         let short = [0u8, 0, 0, 9, b'{'];
-        assert!(matches!(read_frame_body(&mut &short[..]), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame_body(&mut &short[..]),
+            Err(FrameError::Closed)
+        ));
         assert!(decode::<Request>(b"{\"id\":1,\"op\":\"nope\"}").is_err());
-        assert!(decode::<Request>(b"{\"id\":1,\"op\":\"stdin\",\"session\":\"a\",\"data\":\"!!\"}").is_err());
+        assert!(
+            decode::<Request>(b"{\"id\":1,\"op\":\"stdin\",\"session\":\"a\",\"data\":\"!!\"}")
+                .is_err()
+        );
     }
 }

@@ -117,7 +117,12 @@ async fn handle(m: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
     let (guard, agent) = match m.hold(&name, "http request").await {
         Ok(x) => x,
         Err(e @ SpriteError::NotFound(_)) => return text(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("waking {name}: {e}")),
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("waking {name}: {e}"),
+            );
+        }
     };
     // Hold the request until the port answers (a cold boot starts the server late).
     let deadline = tokio::time::Instant::now() + m.config().boot_timeout;
@@ -182,10 +187,11 @@ async fn handle(m: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
             }
         }
     });
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(client_end)).await {
-        Ok(x) => x,
-        Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{name}: {e}")),
-    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(client_end)).await {
+            Ok(x) => x,
+            Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{name}: {e}")),
+        };
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -226,7 +232,10 @@ mod tests {
             Some(("web".into(), "/x/y".into()))
         );
         assert_eq!(route(None, "/s/web", d), Some(("web".into(), "/".into())));
-        assert_eq!(route(None, "/s/web?q", d), Some(("web".into(), "/?q".into())));
+        assert_eq!(
+            route(None, "/s/web?q", d),
+            Some(("web".into(), "/?q".into()))
+        );
         assert_eq!(route(Some("a.b.sprites.localhost"), "/", d), None);
         assert_eq!(route(Some("localhost"), "/other", d), None);
         assert_eq!(route(None, "/s/", d), None);

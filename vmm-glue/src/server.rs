@@ -110,7 +110,9 @@ async fn status(State(a): State<App>) -> impl IntoResponse {
 }
 
 async fn images(State(a): State<App>) -> impl IntoResponse {
-    axum::Json(json!({"images": crate::image::list(&crate::manager::images_dir(&a.m.config().data_dir))}))
+    axum::Json(
+        json!({"images": crate::image::list(&crate::manager::images_dir(&a.m.config().data_dir))}),
+    )
 }
 
 #[derive(Deserialize)]
@@ -168,7 +170,9 @@ struct Create {
 
 async fn create(State(a): State<App>, body: Bytes) -> ApiResult<Response> {
     let req: Create = parse(&body)?;
-    let (v, t) = a.m.create(&req.name, req.image.as_deref(), &req.settings).await?;
+    let (v, t) =
+        a.m.create(&req.name, req.image.as_deref(), &req.settings)
+            .await?;
     let mut out = serde_json::to_value(v).unwrap_or_default();
     out["timings"] = serde_json::to_value(t).unwrap_or_default();
     Ok((StatusCode::CREATED, axum::Json(out)).into_response())
@@ -183,7 +187,11 @@ async fn destroy(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Re
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn update(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn update(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let p: SettingsPatch = parse(&body)?;
     Ok(axum::Json(a.m.update_settings(&name, &p).await?).into_response())
 }
@@ -209,7 +217,9 @@ struct ExecReq {
 fn event_line(ev: &Event) -> Bytes {
     let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
     let v = match ev {
-        Event::Output { stream, data } => json!({"event": "output", "stream": stream, "data": b64(data)}),
+        Event::Output { stream, data } => {
+            json!({"event": "output", "stream": stream, "data": b64(data)})
+        }
         Event::Exit { code, signal } => json!({"event": "exit", "code": code, "signal": signal}),
         Event::Error { message } => json!({"event": "error", "message": message}),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
@@ -287,14 +297,21 @@ async fn sessions(State(a): State<App>, Path(name): Path<String>) -> ApiResult<R
     Ok(axum::Json(json!({"sessions": v})).into_response())
 }
 
-async fn attach(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn attach(
+    State(a): State<App>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     // Fail fast on an unknown session (the agent would only say so in the stream).
     let list = a.m.agent_call(&name, Op::Sessions).await?;
     let known = list
         .as_array()
         .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()));
     if !known {
-        return Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no session {id:?} in {name}")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no session {id:?} in {name}"),
+        ));
     }
     let h = a.m.attach(&name, &id).await?;
     Ok(stream_handle(h, None))
@@ -307,18 +324,30 @@ async fn stdin(
     body: Bytes,
 ) -> ApiResult<Response> {
     let list = a.m.agent_call(&name, Op::Sessions).await?;
-    if !list.as_array().is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str())) {
-        return Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no session {id:?} in {name}")));
+    if !list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()))
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no session {id:?} in {name}"),
+        ));
     }
     let (_g, agent) = a.m.hold(&name, "stdin").await?;
     for chunk in body.chunks(crate::proto::MAX_CHUNK) {
         agent
-            .notify(Op::Stdin { session: id.clone(), data: chunk.to_vec() })
+            .notify(Op::Stdin {
+                session: id.clone(),
+                data: chunk.to_vec(),
+            })
             .map_err(SpriteError::from)?;
     }
     if q.get("close").is_some_and(|v| v == "true" || v == "1") {
         agent
-            .notify(Op::CloseStdin { session: id.clone() })
+            .notify(Op::CloseStdin {
+                session: id.clone(),
+            })
             .map_err(SpriteError::from)?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -330,17 +359,25 @@ async fn kill_session(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let signal = match q.get("signal") {
-        Some(s) => s.parse::<i32>().map_err(|_| bad("signal must be a number"))?,
+        Some(s) => s
+            .parse::<i32>()
+            .map_err(|_| bad("signal must be a number"))?,
         None => libc::SIGKILL,
     };
-    a.m.agent_call(&name, Op::Kill { session: id, signal })
-        .await
-        .map_err(|e| match e {
-            SpriteError::Invalid(m) if m.starts_with("no session") => {
-                ApiError(StatusCode::NOT_FOUND, "not_found", m)
-            }
-            other => other.into(),
-        })?;
+    a.m.agent_call(
+        &name,
+        Op::Kill {
+            session: id,
+            signal,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        SpriteError::Invalid(m) if m.starts_with("no session") => {
+            ApiError(StatusCode::NOT_FOUND, "not_found", m)
+        }
+        other => other.into(),
+    })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -355,7 +392,11 @@ fn warm() -> Pause {
     Pause::Warm
 }
 
-async fn hibernate(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn hibernate(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: Hibernate = parse(&body)?;
     let t = a.m.hibernate(&name, req.mode, "requested").await?;
     let mut v = serde_json::to_value(a.m.view(&name)?).unwrap_or_default();
@@ -386,11 +427,14 @@ async fn download(
     let path = path_param(&q)?;
     let mut out = Vec::new();
     loop {
-        let v = a
-            .m
-            .agent_call(
+        let v =
+            a.m.agent_call(
                 &name,
-                Op::ReadFile { path: path.clone(), offset: out.len() as u64, len: crate::proto::MAX_CHUNK as u64 },
+                Op::ReadFile {
+                    path: path.clone(),
+                    offset: out.len() as u64,
+                    len: crate::proto::MAX_CHUNK as u64,
+                },
             )
             .await
             .map_err(not_found_if_missing)?;
@@ -410,7 +454,9 @@ async fn download(
 
 fn not_found_if_missing(e: SpriteError) -> ApiError {
     match e {
-        SpriteError::Invalid(m) if m.contains("No such file") => ApiError(StatusCode::NOT_FOUND, "not_found", m),
+        SpriteError::Invalid(m) if m.contains("No such file") => {
+            ApiError(StatusCode::NOT_FOUND, "not_found", m)
+        }
         other => other.into(),
     }
 }
@@ -423,20 +469,35 @@ async fn upload(
 ) -> ApiResult<Response> {
     let path = path_param(&q)?;
     let mode = match q.get("mode") {
-        Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| bad("mode must be octal, e.g. 644"))?),
+        Some(m) => {
+            Some(u32::from_str_radix(m, 8).map_err(|_| bad("mode must be octal, e.g. 644"))?)
+        }
         None => None,
     };
     let mut first = true;
-    let chunks: Vec<&[u8]> = if body.is_empty() { vec![&[][..]] } else { body.chunks(crate::proto::MAX_CHUNK).collect() };
+    let chunks: Vec<&[u8]> = if body.is_empty() {
+        vec![&[][..]]
+    } else {
+        body.chunks(crate::proto::MAX_CHUNK).collect()
+    };
     for c in chunks {
         a.m.agent_call(
             &name,
-            Op::WriteFile { path: path.clone(), data: c.to_vec(), mode, append: !first },
+            Op::WriteFile {
+                path: path.clone(),
+                data: c.to_vec(),
+                mode,
+                append: !first,
+            },
         )
         .await?;
         first = false;
     }
-    Ok((StatusCode::CREATED, axum::Json(json!({"path": path, "size": body.len()}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"path": path, "size": body.len()})),
+    )
+        .into_response())
 }
 
 async fn ls(
@@ -445,7 +506,10 @@ async fn ls(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let path = path_param(&q)?;
-    let v = a.m.agent_call(&name, Op::ListDir { path }).await.map_err(not_found_if_missing)?;
+    let v =
+        a.m.agent_call(&name, Op::ListDir { path })
+            .await
+            .map_err(not_found_if_missing)?;
     Ok(axum::Json(json!({"entries": v})).into_response())
 }
 
@@ -455,7 +519,11 @@ struct CheckpointReq {
     comment: Option<String>,
 }
 
-async fn checkpoint(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn checkpoint(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: CheckpointReq = parse(&body)?;
     let (mut ck, t) = a.m.checkpoint(&name, req.comment.as_deref()).await?;
     ck["timings"] = serde_json::to_value(t).unwrap_or_default();
@@ -466,12 +534,18 @@ async fn checkpoints(State(a): State<App>, Path(name): Path<String>) -> ApiResul
     Ok(axum::Json(a.m.checkpoints(&name).await?).into_response())
 }
 
-async fn delete_checkpoint(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_checkpoint(
+    State(a): State<App>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     a.m.delete_checkpoint(&name, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn restore(State(a): State<App>, Path((name, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn restore(
+    State(a): State<App>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     let (mut v, t) = a.m.restore(&name, &id).await?;
     v["timings"] = serde_json::to_value(t).unwrap_or_default();
     v["sprite"] = serde_json::to_value(a.m.view(&name)?).unwrap_or_default();
@@ -489,7 +563,9 @@ struct ForkReq {
 
 async fn fork(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
     let req: ForkReq = parse(&body)?;
-    let (v, t) = a.m.fork(&name, &req.checkpoint, &req.name, &req.settings).await?;
+    let (v, t) =
+        a.m.fork(&name, &req.checkpoint, &req.name, &req.settings)
+            .await?;
     let mut out = serde_json::to_value(v).unwrap_or_default();
     out["timings"] = serde_json::to_value(t).unwrap_or_default();
     Ok((StatusCode::CREATED, axum::Json(out)).into_response())
@@ -503,4 +579,3 @@ async fn kill_vm(State(a): State<App>, Path(name): Path<String>) -> ApiResult<Re
     a.m.kill_vm(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
-

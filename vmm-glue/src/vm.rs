@@ -55,7 +55,10 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
 /// A QMP connection (one command at a time).
 #[derive(Debug)]
 pub struct Qmp {
-    conn: tokio::sync::Mutex<(BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf)>,
+    conn: tokio::sync::Mutex<(
+        BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    )>,
 }
 
 impl Qmp {
@@ -65,7 +68,8 @@ impl Qmp {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(e).with_context(|| format!("connecting to QMP at {}", path.display()));
+                    return Err(e)
+                        .with_context(|| format!("connecting to QMP at {}", path.display()));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
@@ -186,7 +190,11 @@ impl QemuLauncher {
                 match self.accel_choice.as_str() {
                     "kvm" => Accel::Kvm,
                     "tcg" => Accel::Tcg,
-                    _ => match std::fs::read_to_string(&self.cache).ok().as_deref().map(str::trim) {
+                    _ => match std::fs::read_to_string(&self.cache)
+                        .ok()
+                        .as_deref()
+                        .map(str::trim)
+                    {
                         Some("kvm") => Accel::Kvm,
                         Some("tcg") => Accel::Tcg,
                         _ => {
@@ -215,8 +223,16 @@ async fn probe_kvm(binary: &str, kernel: &Path, initrd: &Path) -> Accel {
         return Accel::Tcg;
     }
     let child = tokio::process::Command::new(binary)
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "256M"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "256M",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -271,52 +287,60 @@ impl Launcher for QemuLauncher {
         }
         let mem = format!("{}M", spec.memory_mib);
         let mut c = tokio::process::Command::new(&self.binary);
-        c.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(["-name", &spec.name])
-            .args(["-machine", "pc", "-accel", accel.as_str()])
-            .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
-            .args(["-smp", &spec.vcpus.to_string(), "-m", &mem])
-            .args([
-                "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-            ])
-            .args(["-numa", "node,memdev=mem"])
-            .arg("-kernel")
-            .arg(&spec.kernel)
-            .arg("-initrd")
-            .arg(&spec.initrd)
-            .args(["-append", &spec.cmdline])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=disk0,path={},reconnect-ms=500",
-                spec.disk_socket.display()
-            ))
-            .args([
-                "-device",
-                "vhost-user-blk-pci,chardev=disk0,num-queues=1,bootindex=1",
-            ])
-            .args(["-device", "virtio-serial-pci,id=vser0"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=agent0,path={},server=on,wait=off",
-                agent.display()
-            ))
-            .args([
-                "-device",
-                &format!(
-                    "virtserialport,bus=vser0.0,chardev=agent0,name={}",
-                    crate::proto::PORT_NAME
-                ),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).context("creating the QEMU log")?)
-            .kill_on_drop(true);
-        let mut child = c.spawn().with_context(|| format!("starting {}", self.binary))?;
+        c.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-name", &spec.name])
+        .args(["-machine", "pc", "-accel", accel.as_str()])
+        .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+        .args(["-smp", &spec.vcpus.to_string(), "-m", &mem])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&spec.kernel)
+        .arg("-initrd")
+        .arg(&spec.initrd)
+        .args(["-append", &spec.cmdline])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=disk0,path={},reconnect-ms=500",
+            spec.disk_socket.display()
+        ))
+        .args([
+            "-device",
+            "vhost-user-blk-pci,chardev=disk0,num-queues=1,bootindex=1",
+        ])
+        .args(["-device", "virtio-serial-pci,id=vser0"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent0,path={},server=on,wait=off",
+            agent.display()
+        ))
+        .args([
+            "-device",
+            &format!(
+                "virtserialport,bus=vser0.0,chardev=agent0,name={}",
+                crate::proto::PORT_NAME
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).context("creating the QEMU log")?)
+        .kill_on_drop(true);
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary))?;
         let pid = child.id();
         let started = Instant::now();
         let q = match Qmp::connect(&qmp, Duration::from_secs(20)).await {
@@ -353,7 +377,9 @@ pub struct QemuVm {
 fn tail_of(p: &Path, max: usize) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let start = s.len().saturating_sub(max);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     s[start..].to_string()
 }
 

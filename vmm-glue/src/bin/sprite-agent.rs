@@ -53,14 +53,22 @@ fn main() {
                     break p;
                 }
                 if Instant::now() > deadline {
-                    eprintln!("sprite-agent: no virtio-serial port named {}", vmm_glue::proto::PORT_NAME);
+                    eprintln!(
+                        "sprite-agent: no virtio-serial port named {}",
+                        vmm_glue::proto::PORT_NAME
+                    );
                     std::process::exit(1);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
     };
-    let open = || std::fs::OpenOptions::new().read(true).write(true).open(&path);
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+    };
     let (r, w) = match open().and_then(|r| Ok((r.try_clone()?, r))) {
         Ok(x) => x,
         Err(e) => {
@@ -69,6 +77,8 @@ fn main() {
         }
     };
     eprintln!("sprite-agent: serving on {}", path.display());
+    // For operators and tests inside the guest (best effort: /run may be read-only).
+    let _ = std::fs::write("/run/sprite-agent.pid", format!("{}\n", std::process::id()));
     let agent = Agent::new(Box::new(w), &root);
     agent.serve(r, true);
 }

@@ -16,7 +16,12 @@ use vmm_glue::manager::{Manager, ManagerConfig, Settings};
 #[command(name = "sprited", version, about = "Sprite host daemon and client")]
 struct Cli {
     /// State directory (sprite records, images, VM run directories, the control socket).
-    #[arg(long, env = "SPRITED_DATA_DIR", default_value = "/var/lib/sprites/vmm", global = true)]
+    #[arg(
+        long,
+        env = "SPRITED_DATA_DIR",
+        default_value = "/var/lib/sprites/vmm",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Control socket (default <data-dir>/sprited.sock).
     #[arg(long, env = "SPRITED_SOCKET", global = true)]
@@ -84,14 +89,18 @@ enum Cmd {
     },
     List,
     /// State, transitions, usage and storage of a sprite.
-    Get { name: String },
+    Get {
+        name: String,
+    },
     /// Change settings (idle timeouts apply at once; CPU/memory at the next boot).
     Set {
         name: String,
         #[command(flatten)]
         settings: SettingsArgs,
     },
-    Destroy { name: String },
+    Destroy {
+        name: String,
+    },
     /// Run a command; its output streams here and its exit status becomes ours.
     Exec {
         name: String,
@@ -111,9 +120,14 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Detachable sessions of a sprite.
-    Sessions { name: String },
+    Sessions {
+        name: String,
+    },
     /// Follow a detachable session's output (scrollback first) until it exits or Ctrl-C.
-    Attach { name: String, session: String },
+    Attach {
+        name: String,
+        session: String,
+    },
     /// Write to a session's stdin (our stdin; --close closes it after).
     Send {
         name: String,
@@ -133,7 +147,9 @@ enum Cmd {
         #[arg(long)]
         cold: bool,
     },
-    Wake { name: String },
+    Wake {
+        name: String,
+    },
     /// Copy a local file into the sprite.
     Put {
         name: String,
@@ -149,7 +165,10 @@ enum Cmd {
         remote: String,
         local: Option<PathBuf>,
     },
-    Ls { name: String, path: String },
+    Ls {
+        name: String,
+        path: String,
+    },
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
     /// A new sprite from a checkpoint (no data copied).
@@ -161,9 +180,13 @@ enum Cmd {
         settings: SettingsArgs,
     },
     /// CPU/memory seconds and stored bytes.
-    Usage { name: String },
+    Usage {
+        name: String,
+    },
     /// Kill the VMM process (fault testing; the sprite goes to `error` or restarts).
-    KillVm { name: String },
+    KillVm {
+        name: String,
+    },
     /// Daemon status.
     Status,
 }
@@ -187,15 +210,27 @@ enum CheckpointCmd {
         #[arg(long)]
         comment: Option<String>,
     },
-    List { name: String },
-    Restore { name: String, checkpoint: String },
-    Delete { name: String, checkpoint: String },
+    List {
+        name: String,
+    },
+    Restore {
+        name: String,
+        checkpoint: String,
+    },
+    Delete {
+        name: String,
+        checkpoint: String,
+    },
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// blockd's admin socket.
-    #[arg(long, env = "BLOCKD_ADMIN_SOCKET", default_value = "/var/lib/sprites/blockd/admin.sock")]
+    #[arg(
+        long,
+        env = "BLOCKD_ADMIN_SOCKET",
+        default_value = "/var/lib/sprites/blockd/admin.sock"
+    )]
     blockd_socket: PathBuf,
     /// Wake-on-request HTTP proxy ("" to disable).
     #[arg(long, default_value = "127.0.0.1:8480")]
@@ -206,6 +241,9 @@ struct ServeArgs {
     /// kvm, tcg or auto (probe KVM with a timeout, fall back to TCG).
     #[arg(long, env = "SPRITED_ACCEL", default_value = "auto")]
     accel: String,
+    /// Where the KVM probe's answer is cached (default <data-dir>/accel; delete to probe again).
+    #[arg(long)]
+    accel_cache: Option<PathBuf>,
     /// Image new sprites use unless told otherwise.
     #[arg(long, default_value = "base")]
     image: String,
@@ -270,7 +308,11 @@ async fn run(cli: Cli) -> i32 {
     }
 }
 
-async fn serve(data_dir: &std::path::Path, socket: &std::path::Path, a: &ServeArgs) -> anyhow::Result<()> {
+async fn serve(
+    data_dir: &std::path::Path,
+    socket: &std::path::Path,
+    a: &ServeArgs,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -279,7 +321,8 @@ async fn serve(data_dir: &std::path::Path, socket: &std::path::Path, a: &ServeAr
         )
         .with_writer(std::io::stderr)
         .init();
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let agent_bin = match &a.agent_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -323,7 +366,13 @@ async fn serve(data_dir: &std::path::Path, socket: &std::path::Path, a: &ServeAr
         restart_on_crash: a.restart_on_crash,
         agent_bin,
     };
-    let launcher = vmm_glue::vm::QemuLauncher::new(&a.accel, &data_dir.join("accel")).await?;
+    let launcher = vmm_glue::vm::QemuLauncher::new(
+        &a.accel,
+        &a.accel_cache
+            .clone()
+            .unwrap_or_else(|| data_dir.join("accel")),
+    )
+    .await?;
     let m = Manager::open(cfg, Arc::new(launcher)).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let _ = std::fs::remove_file(socket);
@@ -369,7 +418,11 @@ fn table(rows: &[Vec<String>]) {
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = w[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
 }
@@ -400,12 +453,20 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 eprintln!("building image {name} ({size_mib} MiB)...");
             }
             let v = c
-                .call("POST", "/v1/images", Some(json!({"name": name, "size_mib": size_mib})))
+                .call(
+                    "POST",
+                    "/v1/images",
+                    Some(json!({"name": name, "size_mib": size_mib})),
+                )
                 .await?;
             print_json(&v);
         }
         Cmd::Image(ImageCmd::List) => print_json(&c.call("GET", "/v1/images", None).await?),
-        Cmd::Create { name, image, settings } => {
+        Cmd::Create {
+            name,
+            image,
+            settings,
+        } => {
             let mut body = json!({"name": name, "settings": settings.json()});
             if let Some(i) = image {
                 body["image"] = json!(i);
@@ -428,7 +489,13 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             if cli.json {
                 print_json(&v);
             } else {
-                let mut rows = vec![vec!["NAME".into(), "STATE".into(), "IMAGE".into(), "CPU-S".into(), "REASON".into()]];
+                let mut rows = vec![vec![
+                    "NAME".into(),
+                    "STATE".into(),
+                    "IMAGE".into(),
+                    "CPU-S".into(),
+                    "REASON".into(),
+                ]];
                 for s in v["sprites"].as_array().into_iter().flatten() {
                     rows.push(vec![
                         s["name"].as_str().unwrap_or("").into(),
@@ -442,14 +509,24 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             }
         }
         Cmd::Get { name } => print_json(&c.call("GET", &sp(name), None).await?),
-        Cmd::Set { name, settings } => print_json(&c.call("PATCH", &sp(name), Some(settings.json())).await?),
+        Cmd::Set { name, settings } => {
+            print_json(&c.call("PATCH", &sp(name), Some(settings.json())).await?)
+        }
         Cmd::Destroy { name } => {
             c.call("DELETE", &sp(name), None).await?;
             if !cli.json {
                 println!("destroyed {name}");
             }
         }
-        Cmd::Exec { name, tty, detachable, stdin, env, cwd, args } => {
+        Cmd::Exec {
+            name,
+            tty,
+            detachable,
+            stdin,
+            env,
+            cwd,
+            args,
+        } => {
             let mut envs = serde_json::Map::new();
             for kv in env {
                 let Some((k, v)) = kv.split_once('=') else {
@@ -467,14 +544,29 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data);
                 body["stdin"] = json!(base64::engine::general_purpose::STANDARD.encode(&data));
             }
-            return follow(c, "POST", &format!("{}/exec", sp(name)), Some(body), cli.json, *detachable).await;
+            return follow(
+                c,
+                "POST",
+                &format!("{}/exec", sp(name)),
+                Some(body),
+                cli.json,
+                *detachable,
+            )
+            .await;
         }
         Cmd::Sessions { name } => {
-            let v = c.call("GET", &format!("{}/sessions", sp(name)), None).await?;
+            let v = c
+                .call("GET", &format!("{}/sessions", sp(name)), None)
+                .await?;
             if cli.json {
                 print_json(&v);
             } else {
-                let mut rows = vec![vec!["ID".into(), "PID".into(), "STATUS".into(), "COMMAND".into()]];
+                let mut rows = vec![vec![
+                    "ID".into(),
+                    "PID".into(),
+                    "STATUS".into(),
+                    "COMMAND".into(),
+                ]];
                 for s in v["sessions"].as_array().into_iter().flatten() {
                     let status = match (s["exit_code"].as_i64(), s["exit_signal"].as_i64()) {
                         (Some(c), _) => format!("exited {c}"),
@@ -482,31 +574,77 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                         _ if s["attached"].as_bool() == Some(true) => "running, attached".into(),
                         _ => "running".into(),
                     };
-                    let cmd: Vec<&str> = s["args"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
-                    rows.push(vec![s["id"].as_str().unwrap_or("").into(), s["pid"].to_string(), status, cmd.join(" ")]);
+                    let cmd: Vec<&str> = s["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str())
+                        .collect();
+                    rows.push(vec![
+                        s["id"].as_str().unwrap_or("").into(),
+                        s["pid"].to_string(),
+                        status,
+                        cmd.join(" "),
+                    ]);
                 }
                 table(&rows);
             }
         }
         Cmd::Attach { name, session } => {
-            return follow(c, "GET", &format!("{}/sessions/{session}/attach", sp(name)), None, cli.json, false).await;
+            return follow(
+                c,
+                "GET",
+                &format!("{}/sessions/{session}/attach", sp(name)),
+                None,
+                cli.json,
+                false,
+            )
+            .await;
         }
-        Cmd::Send { name, session, close } => {
+        Cmd::Send {
+            name,
+            session,
+            close,
+        } => {
             let mut data = Vec::new();
             let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data);
             let q = if *close { "?close=true" } else { "" };
-            c.bytes("POST", &format!("{}/sessions/{session}/stdin{q}", sp(name)), data.into()).await?;
+            c.bytes(
+                "POST",
+                &format!("{}/sessions/{session}/stdin{q}", sp(name)),
+                data.into(),
+            )
+            .await?;
         }
-        Cmd::KillSession { name, session, signal } => {
-            c.call("DELETE", &format!("{}/sessions/{session}?signal={signal}", sp(name)), None).await?;
+        Cmd::KillSession {
+            name,
+            session,
+            signal,
+        } => {
+            c.call(
+                "DELETE",
+                &format!("{}/sessions/{session}?signal={signal}", sp(name)),
+                None,
+            )
+            .await?;
         }
         Cmd::Hibernate { name, cold } => {
             let mode = if *cold { "cold" } else { "warm" };
-            let v = c.call("POST", &format!("{}/hibernate", sp(name)), Some(json!({"mode": mode}))).await?;
+            let v = c
+                .call(
+                    "POST",
+                    &format!("{}/hibernate", sp(name)),
+                    Some(json!({"mode": mode})),
+                )
+                .await?;
             if cli.json {
                 print_json(&v);
             } else {
-                println!("{name}: {} ({:.0} ms)", state_of(&v), v["timings"]["total_ms"].as_f64().unwrap_or(0.0));
+                println!(
+                    "{name}: {} ({:.0} ms)",
+                    state_of(&v),
+                    v["timings"]["total_ms"].as_f64().unwrap_or(0.0)
+                );
             }
         }
         Cmd::Wake { name } => {
@@ -514,10 +652,19 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             if cli.json {
                 print_json(&v);
             } else {
-                println!("{name}: {} ({:.0} ms)", state_of(&v), v["timings"]["total_ms"].as_f64().unwrap_or(0.0));
+                println!(
+                    "{name}: {} ({:.0} ms)",
+                    state_of(&v),
+                    v["timings"]["total_ms"].as_f64().unwrap_or(0.0)
+                );
             }
         }
-        Cmd::Put { name, local, remote, mode } => {
+        Cmd::Put {
+            name,
+            local,
+            remote,
+            mode,
+        } => {
             let data = match std::fs::read(local) {
                 Ok(d) => d,
                 Err(e) => {
@@ -534,8 +681,18 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 println!("{}", String::from_utf8_lossy(&v));
             }
         }
-        Cmd::Fetch { name, remote, local } => {
-            let data = c.bytes("GET", &format!("{}/fs?path={}", sp(name), enc(remote)), Default::default()).await?;
+        Cmd::Fetch {
+            name,
+            remote,
+            local,
+        } => {
+            let data = c
+                .bytes(
+                    "GET",
+                    &format!("{}/fs?path={}", sp(name), enc(remote)),
+                    Default::default(),
+                )
+                .await?;
             match local {
                 Some(p) => {
                     if let Err(e) = std::fs::write(p, &data) {
@@ -549,7 +706,9 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             }
         }
         Cmd::Ls { name, path } => {
-            let v = c.call("GET", &format!("{}/ls?path={}", sp(name), enc(path)), None).await?;
+            let v = c
+                .call("GET", &format!("{}/ls?path={}", sp(name), enc(path)), None)
+                .await?;
             if cli.json {
                 print_json(&v);
             } else {
@@ -572,7 +731,11 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
         Cmd::Checkpoint(cc) => match cc {
             CheckpointCmd::Create { name, comment } => {
                 let v = c
-                    .call("POST", &format!("{}/checkpoints", sp(name)), Some(json!({"comment": comment})))
+                    .call(
+                        "POST",
+                        &format!("{}/checkpoints", sp(name)),
+                        Some(json!({"comment": comment})),
+                    )
                     .await?;
                 if cli.json {
                     print_json(&v);
@@ -586,7 +749,9 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 }
             }
             CheckpointCmd::List { name } => {
-                let v = c.call("GET", &format!("{}/checkpoints", sp(name)), None).await?;
+                let v = c
+                    .call("GET", &format!("{}/checkpoints", sp(name)), None)
+                    .await?;
                 if cli.json {
                     print_json(&v);
                 } else {
@@ -603,7 +768,11 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             }
             CheckpointCmd::Restore { name, checkpoint } => {
                 let v = c
-                    .call("POST", &format!("{}/checkpoints/{checkpoint}/restore", sp(name)), None)
+                    .call(
+                        "POST",
+                        &format!("{}/checkpoints/{checkpoint}/restore", sp(name)),
+                        None,
+                    )
                     .await?;
                 if cli.json {
                     print_json(&v);
@@ -617,10 +786,20 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 }
             }
             CheckpointCmd::Delete { name, checkpoint } => {
-                c.call("DELETE", &format!("{}/checkpoints/{checkpoint}", sp(name)), None).await?;
+                c.call(
+                    "DELETE",
+                    &format!("{}/checkpoints/{checkpoint}", sp(name)),
+                    None,
+                )
+                .await?;
             }
         },
-        Cmd::Fork { name, checkpoint, new_name, settings } => {
+        Cmd::Fork {
+            name,
+            checkpoint,
+            new_name,
+            settings,
+        } => {
             let v = c
                 .call(
                     "POST",
@@ -639,9 +818,12 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 );
             }
         }
-        Cmd::Usage { name } => print_json(&c.call("GET", &format!("{}/usage", sp(name)), None).await?),
+        Cmd::Usage { name } => {
+            print_json(&c.call("GET", &format!("{}/usage", sp(name)), None).await?)
+        }
         Cmd::KillVm { name } => {
-            c.call("POST", &format!("{}/kill-vm", sp(name)), None).await?;
+            c.call("POST", &format!("{}/kill-vm", sp(name)), None)
+                .await?;
         }
     }
     Ok(0)
