@@ -278,6 +278,12 @@ impl Launcher for QemuLauncher {
         let accel = self.accel(&spec.kernel, &spec.initrd).await;
         std::fs::create_dir_all(&spec.run_dir)
             .with_context(|| format!("creating {}", spec.run_dir.display()))?;
+        // QMP and the runtime's port control the VM: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&spec.run_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("securing {}", spec.run_dir.display()))?;
+        }
         let qmp = spec.run_dir.join("qmp.sock");
         let agent = spec.run_dir.join("agent.sock");
         let console = spec.run_dir.join("console.log");

@@ -59,7 +59,10 @@ fn sibling(name: &str) -> Result<PathBuf> {
         .context("exe dir")?
         .join(name);
     if !p.exists() {
-        bail!("{} not found: cargo build --release -p blockd -p vmm-glue", p.display());
+        bail!(
+            "{} not found: cargo build --release -p blockd -p vmm-glue",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -114,16 +117,19 @@ async fn exec_true(c: &Client, name: &str) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    let work = tempfile::Builder::new().prefix("sprite-bench").tempdir_in(&a.dir)?;
+    let work = tempfile::Builder::new()
+        .prefix("sprite-bench")
+        .tempdir_in(&a.dir)?;
     let bd = work.path().join("blockd");
     let vm = work.path().join("vmm");
     let mut bc = Command::new(sibling("blockd")?);
-    bc.arg("--data-dir").arg(&bd).args(["serve", "--metrics-addr", ""]);
+    bc.arg("--data-dir")
+        .arg(&bd)
+        .args(["serve", "--metrics-addr", ""]);
     if let Some(cfg) = &a.blockd_config {
         bc.arg("--config").arg(cfg);
     }
-    bc
-        .stdout(Stdio::null())
+    bc.stdout(Stdio::null())
         .stderr(std::fs::File::create(work.path().join("blockd.log"))?);
     let _blockd = Proc(bc.spawn().context("starting blockd")?);
     wait_for(&bd.join("admin.sock"))?;
@@ -133,7 +139,14 @@ async fn main() -> Result<()> {
         .arg("serve")
         .arg("--blockd-socket")
         .arg(bd.join("admin.sock"))
-        .args(["--proxy-addr", "", "--idle-warm-secs", "0", "--min-mem-available-mib", "0"])
+        .args([
+            "--proxy-addr",
+            "",
+            "--idle-warm-secs",
+            "0",
+            "--min-mem-available-mib",
+            "0",
+        ])
         .args(["--accel", &a.accel])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.path().join("sprited.log"))?);
@@ -142,9 +155,16 @@ async fn main() -> Result<()> {
     let c = Client::new(&vm.join("sprited.sock"));
 
     let t = Instant::now();
-    c.call("POST", "/v1/images", Some(json!({"name": "base", "size_mib": 1024})))
-        .await?;
-    eprintln!("image built in {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    c.call(
+        "POST",
+        "/v1/images",
+        Some(json!({"name": "base", "size_mib": 1024})),
+    )
+    .await?;
+    eprintln!(
+        "image built in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
 
     let mut s = Samples::default();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
@@ -152,23 +172,38 @@ async fn main() -> Result<()> {
         let name = format!("b{i}");
         let sp = format!("/v1/sprites/{name}");
         let t0 = Instant::now();
-        let v = c.call("POST", "/v1/sprites", Some(json!({"name": name}))).await?;
+        let v = c
+            .call("POST", "/v1/sprites", Some(json!({"name": name})))
+            .await?;
         exec_true(&c, &name).await?;
         s.add("create to first exec", ms(t0), &v["timings"]);
 
-        c.call("POST", &format!("{sp}/hibernate"), Some(json!({"mode": "warm"}))).await?;
+        c.call(
+            "POST",
+            &format!("{sp}/hibernate"),
+            Some(json!({"mode": "warm"})),
+        )
+        .await?;
         let t0 = Instant::now();
         let v = c.call("POST", &format!("{sp}/wake"), None).await?;
         exec_true(&c, &name).await?;
         s.add("warm wake to first exec", ms(t0), &v["timings"]);
 
         let t0 = Instant::now();
-        let ck = c.call("POST", &format!("{sp}/checkpoints"), Some(json!({}))).await?;
+        let ck = c
+            .call("POST", &format!("{sp}/checkpoints"), Some(json!({})))
+            .await?;
         s.add("checkpoint (running sprite)", ms(t0), &ck["timings"]);
         let ck_id = format!("v{}", ck["id"]);
 
         let t0 = Instant::now();
-        let v = c.call("POST", &format!("{sp}/hibernate"), Some(json!({"mode": "cold"}))).await?;
+        let v = c
+            .call(
+                "POST",
+                &format!("{sp}/hibernate"),
+                Some(json!({"mode": "cold"})),
+            )
+            .await?;
         s.add("cold pause", ms(t0), &v["timings"]);
         let d = c.call("GET", &sp, None).await?;
         eprintln!(
@@ -190,7 +225,11 @@ async fn main() -> Result<()> {
         let fork = format!("f{i}");
         let t0 = Instant::now();
         let v = c
-            .call("POST", &format!("{sp}/fork"), Some(json!({"checkpoint": ck_id, "name": fork})))
+            .call(
+                "POST",
+                &format!("{sp}/fork"),
+                Some(json!({"checkpoint": ck_id, "name": fork})),
+            )
             .await?;
         exec_true(&c, &fork).await?;
         s.add("fork to first exec", ms(t0), &v["timings"]);
