@@ -57,30 +57,16 @@ impl AdminClient {
             socket: self.socket.display().to_string(),
             reason,
         };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         let bytes = match &body {
             Some(v) => Bytes::from(v.to_string()),
             None => Bytes::new(),
         };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "blockd")
-            .header("content-type", "application/json")
-            .body(Full::new(bytes))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
+        let resp = unix_request(&self.socket, method, path, "blockd", bytes)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| match e {
+                UnixRequestError::Invalid(m) => ClientError::Protocol(m),
+                UnixRequestError::Unreachable(m) => unreachable(m),
+            })?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -108,4 +94,44 @@ impl AdminClient {
                 .to_string(),
         })
     }
+}
+
+/// Sends one HTTP/1.1 request over a unix socket, on a connection of its own. Shared by the
+/// clients of blockd's and sprited's control sockets.
+pub async fn unix_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    host: &str,
+    body: Bytes,
+) -> Result<hyper::Response<hyper::body::Incoming>, UnixRequestError> {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .map_err(|e| UnixRequestError::Invalid(e.to_string()))?;
+    let gone = |e: String| UnixRequestError::Unreachable(e);
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| gone(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| gone(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| gone(e.to_string()))
+}
+
+#[derive(Debug)]
+pub enum UnixRequestError {
+    /// The request could not be built (bad method or path).
+    Invalid(String),
+    /// The daemon could not be reached or dropped the connection.
+    Unreachable(String),
 }

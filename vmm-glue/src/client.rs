@@ -1,9 +1,8 @@
 //! Client of `sprited`'s control socket (used by the `sprited` CLI subcommands and tests).
 
+use blockd::client::UnixRequestError;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -61,26 +60,12 @@ impl Client {
             socket: self.socket.display().to_string(),
             reason,
         };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
+        let resp = blockd::client::unix_request(&self.socket, method, path, "sprited", body)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "sprited")
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| match e {
+                UnixRequestError::Invalid(m) => ClientError::Protocol(m),
+                UnixRequestError::Unreachable(m) => unreachable(m),
+            })?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(resp);

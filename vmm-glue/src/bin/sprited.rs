@@ -427,6 +427,19 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
+/// After hibernate/wake: the JSON, or `NAME: STATE (N ms)`.
+fn print_state_change(json: bool, name: &str, v: &Value) {
+    if json {
+        print_json(v);
+    } else {
+        println!(
+            "{name}: {} ({:.0} ms)",
+            state_of(v),
+            v["timings"]["total_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
 /// Checkpoint ids as users write them (`v3`; blockd reports the number).
 fn ck_id(v: &Value) -> String {
     match v {
@@ -637,27 +650,11 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                     Some(json!({"mode": mode})),
                 )
                 .await?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!(
-                    "{name}: {} ({:.0} ms)",
-                    state_of(&v),
-                    v["timings"]["total_ms"].as_f64().unwrap_or(0.0)
-                );
-            }
+            print_state_change(cli.json, name, &v);
         }
         Cmd::Wake { name } => {
             let v = c.call("POST", &format!("{}/wake", sp(name)), None).await?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!(
-                    "{name}: {} ({:.0} ms)",
-                    state_of(&v),
-                    v["timings"]["total_ms"].as_f64().unwrap_or(0.0)
-                );
-            }
+            print_state_change(cli.json, name, &v);
         }
         Cmd::Put {
             name,
