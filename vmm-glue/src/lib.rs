@@ -7,5 +7,6 @@ pub mod image;
 pub mod manager;
 pub mod proto;
 pub mod proxy;
+pub mod serve;
 pub mod server;
 pub mod vm;

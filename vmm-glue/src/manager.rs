@@ -68,7 +68,7 @@ pub enum State {
     Error,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Pause {
     /// vCPUs stopped, memory kept: processes resume where they were.
@@ -110,7 +110,7 @@ impl Default for Settings {
 }
 
 /// Optional overrides (API bodies).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
     pub vcpus: Option<u32>,

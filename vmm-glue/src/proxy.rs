@@ -57,11 +57,26 @@ pub fn route(host: Option<&str>, path_and_query: &str, domain: &str) -> Option<(
     Some((name.to_string(), tail))
 }
 
+/// Decides whether a request may reach a sprite: `Err((status, message))` refuses it. The
+/// user-facing API plugs its URL auth in here; `sprited` alone allows everything.
+pub type Authorize =
+    Arc<dyn Fn(&str, &hyper::HeaderMap) -> Result<(), (StatusCode, String)> + Send + Sync>;
+
 /// Serves the proxy on `listener` until `stop`.
 pub async fn serve(
     manager: Arc<Manager>,
     listener: tokio::net::TcpListener,
     stop: tokio_util::sync::CancellationToken,
+) {
+    serve_with(manager, listener, stop, Arc::new(|_, _| Ok(()))).await
+}
+
+/// [`serve`] with an authorization hook.
+pub async fn serve_with(
+    manager: Arc<Manager>,
+    listener: tokio::net::TcpListener,
+    stop: tokio_util::sync::CancellationToken,
+    authorize: Authorize,
 ) {
     loop {
         let (stream, _) = tokio::select! {
@@ -77,10 +92,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let m = manager.clone();
+        let auth = authorize.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let m = m.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(m, req).await) }
+                let auth = auth.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(m, auth, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -90,7 +107,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(m: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(m: Arc<Manager>, authorize: Authorize, req: Request<Incoming>) -> Response<Body> {
     let host = req
         .headers()
         .get(hyper::header::HOST)
@@ -110,6 +127,9 @@ async fn handle(m: Arc<Manager>, req: Request<Incoming>) -> Response<Body> {
             ),
         );
     };
+    if let Err((status, msg)) = authorize(&name, req.headers()) {
+        return text(status, msg);
+    }
     let port = match m.view(&name) {
         Ok(v) => v.record.settings.http_port,
         Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),

@@ -196,22 +196,25 @@ async fn update(
     Ok(axum::Json(a.m.update_settings(&name, &p).await?).into_response())
 }
 
-#[derive(Deserialize)]
+/// Body of an exec request (this API and the user-facing one).
+#[derive(Debug, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ExecReq {
-    args: Vec<String>,
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub args: Vec<String>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
-    cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
     #[serde(default)]
-    tty: bool,
-    rows: Option<u16>,
-    cols: Option<u16>,
+    pub tty: bool,
+    pub rows: Option<u16>,
+    pub cols: Option<u16>,
+    /// Keep running after the client goes away (attach again through sessions).
     #[serde(default)]
-    detachable: bool,
+    pub detachable: bool,
     /// Base64 data written to the command's stdin (then closed, unless the command is
     /// detachable and `stdin` is absent).
-    stdin: Option<String>,
+    pub stdin: Option<String>,
 }
 
 fn event_line(ev: &Event) -> Bytes {
@@ -229,7 +232,8 @@ fn event_line(ev: &Event) -> Bytes {
     Bytes::from(s)
 }
 
-fn stream_handle(h: crate::manager::ExecHandle, first: Option<Bytes>) -> Response {
+/// NDJSON response following a command (see docs/sprites.md).
+pub fn stream_handle(h: crate::manager::ExecHandle, first: Option<Bytes>) -> Response {
     let s = futures::stream::unfold((h, first, false), |(mut h, first, done)| async move {
         if let Some(f) = first {
             return Some((Ok::<_, std::convert::Infallible>(f), (h, None, false)));
@@ -260,12 +264,21 @@ fn stream_handle(h: crate::manager::ExecHandle, first: Option<Bytes>) -> Respons
 }
 
 async fn exec(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
-    let req: ExecReq = parse(&body)?;
+    let req: ExecRequest = parse(&body)?;
+    Ok(exec_response(&a.m, &name, req).await?)
+}
+
+/// Starts a command and returns its NDJSON stream.
+pub async fn exec_response(
+    m: &Arc<Manager>,
+    name: &str,
+    req: ExecRequest,
+) -> Result<Response, SpriteError> {
     let stdin = match &req.stdin {
         Some(s) => Some(
             base64::engine::general_purpose::STANDARD
                 .decode(s.as_bytes())
-                .map_err(|e| bad(format!("stdin is not base64: {e}")))?,
+                .map_err(|e| SpriteError::Invalid(format!("stdin is not base64: {e}")))?,
         ),
         None => None,
     };
@@ -279,7 +292,7 @@ async fn exec(State(a): State<App>, Path(name): Path<String>, body: Bytes) -> Ap
         detachable: req.detachable,
     };
     let detachable = spec.detachable;
-    let h = a.m.exec(&name, spec).await?;
+    let h = m.exec(name, spec).await?;
     if let Some(data) = stdin {
         for chunk in data.chunks(crate::proto::MAX_CHUNK) {
             h.stdin(chunk.to_vec())?;
@@ -425,13 +438,19 @@ async fn download(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let path = path_param(&q)?;
+    let out = read_file(&a.m, &name, &path).await?;
+    Ok(([("content-type", "application/octet-stream")], out).into_response())
+}
+
+/// A whole file from the sprite (`NotFound` when it does not exist).
+pub async fn read_file(m: &Arc<Manager>, name: &str, path: &str) -> Result<Vec<u8>, SpriteError> {
     let mut out = Vec::new();
     loop {
-        let v =
-            a.m.agent_call(
-                &name,
+        let v = m
+            .agent_call(
+                name,
                 Op::ReadFile {
-                    path: path.clone(),
+                    path: path.to_string(),
                     offset: out.len() as u64,
                     len: crate::proto::MAX_CHUNK as u64,
                 },
@@ -440,24 +459,24 @@ async fn download(
             .map_err(not_found_if_missing)?;
         let data = base64::engine::general_purpose::STANDARD
             .decode(v["data"].as_str().unwrap_or("").as_bytes())
-            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, "internal", e.to_string()))?;
+            .map_err(|e| SpriteError::Internal(e.to_string()))?;
         out.extend_from_slice(&data);
         if v["eof"].as_bool().unwrap_or(true) || data.is_empty() {
             break;
         }
         if out.len() > MAX_UPLOAD {
-            return Err(bad("file too large for one download"));
+            return Err(SpriteError::Invalid(
+                "file too large for one download".into(),
+            ));
         }
     }
-    Ok(([("content-type", "application/octet-stream")], out).into_response())
+    Ok(out)
 }
 
-fn not_found_if_missing(e: SpriteError) -> ApiError {
+fn not_found_if_missing(e: SpriteError) -> SpriteError {
     match e {
-        SpriteError::Invalid(m) if m.contains("No such file") => {
-            ApiError(StatusCode::NOT_FOUND, "not_found", m)
-        }
-        other => other.into(),
+        SpriteError::Invalid(m) if m.contains("No such file") => SpriteError::NotFound(m),
+        other => other,
     }
 }
 
@@ -474,30 +493,40 @@ async fn upload(
         }
         None => None,
     };
-    let mut first = true;
-    let chunks: Vec<&[u8]> = if body.is_empty() {
-        vec![&[][..]]
-    } else {
-        body.chunks(crate::proto::MAX_CHUNK).collect()
-    };
-    for c in chunks {
-        a.m.agent_call(
-            &name,
-            Op::WriteFile {
-                path: path.clone(),
-                data: c.to_vec(),
-                mode,
-                append: !first,
-            },
-        )
-        .await?;
-        first = false;
-    }
+    write_file(&a.m, &name, &path, mode, &body).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"path": path, "size": body.len()})),
     )
         .into_response())
+}
+
+/// Writes a whole file into the sprite (parents created; 1 MiB pieces).
+pub async fn write_file(
+    m: &Arc<Manager>,
+    name: &str,
+    path: &str,
+    mode: Option<u32>,
+    body: &[u8],
+) -> Result<(), SpriteError> {
+    let chunks: Vec<&[u8]> = if body.is_empty() {
+        vec![&[][..]]
+    } else {
+        body.chunks(crate::proto::MAX_CHUNK).collect()
+    };
+    for (i, c) in chunks.into_iter().enumerate() {
+        m.agent_call(
+            name,
+            Op::WriteFile {
+                path: path.to_string(),
+                data: c.to_vec(),
+                mode,
+                append: i > 0,
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn ls(

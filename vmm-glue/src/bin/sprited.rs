@@ -5,12 +5,9 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 use vmm_glue::client::{Client, ClientError, enc};
-use vmm_glue::manager::{Manager, ManagerConfig, Settings};
+use vmm_glue::serve::VmmArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "sprited", version, about = "Sprite host daemon and client")]
@@ -75,7 +72,7 @@ impl SettingsArgs {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(VmmArgs),
     /// Base images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -223,57 +220,6 @@ enum CheckpointCmd {
     },
 }
 
-#[derive(Args, Debug)]
-struct ServeArgs {
-    /// blockd's admin socket.
-    #[arg(
-        long,
-        env = "BLOCKD_ADMIN_SOCKET",
-        default_value = "/var/lib/sprites/blockd/admin.sock"
-    )]
-    blockd_socket: PathBuf,
-    /// Wake-on-request HTTP proxy ("" to disable).
-    #[arg(long, default_value = "127.0.0.1:8480")]
-    proxy_addr: String,
-    /// Sprite URLs are http://<name>.<domain>:<port>/ (and /s/<name>/ on the proxy).
-    #[arg(long, default_value = "sprites.localhost")]
-    domain: String,
-    /// kvm, tcg or auto (probe KVM with a timeout, fall back to TCG).
-    #[arg(long, env = "SPRITED_ACCEL", default_value = "auto")]
-    accel: String,
-    /// Where the KVM probe's answer is cached (default <data-dir>/accel; delete to probe again).
-    #[arg(long)]
-    accel_cache: Option<PathBuf>,
-    /// Image new sprites use unless told otherwise.
-    #[arg(long, default_value = "base")]
-    image: String,
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    #[arg(long, default_value_t = 512)]
-    memory_mib: u64,
-    #[arg(long, default_value_t = 30)]
-    idle_warm_secs: u64,
-    #[arg(long, default_value_t = 600)]
-    idle_cold_secs: u64,
-    #[arg(long, default_value_t = 8080)]
-    http_port: u16,
-    /// Longest a boot may take until the guest runtime answers.
-    #[arg(long, default_value_t = 120)]
-    boot_timeout_secs: u64,
-    /// Longest the guest runtime may take to answer a request.
-    #[arg(long, default_value_t = 20)]
-    agent_timeout_secs: u64,
-    /// Warm-paused sprites go cold while MemAvailable is below this many MiB (0: off).
-    #[arg(long, default_value_t = 1024)]
-    min_mem_available_mib: u64,
-    /// Boot a sprite again when its VMM dies (else it goes to `error` until the next request).
-    #[arg(long)]
-    restart_on_crash: bool,
-    /// sprite-agent binary put into images (default: next to this binary).
-    #[arg(long)]
-    agent_bin: Option<PathBuf>,
-}
-
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -311,99 +257,14 @@ async fn run(cli: Cli) -> i32 {
 async fn serve(
     data_dir: &std::path::Path,
     socket: &std::path::Path,
-    a: &ServeArgs,
+    a: &VmmArgs,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPRITED_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let agent_bin = match &a.agent_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("sprite-agent"))
-            .unwrap_or_default(),
-    };
-    let proxy: Option<SocketAddr> = if a.proxy_addr.is_empty() {
-        None
-    } else {
-        Some(a.proxy_addr.parse().context("--proxy-addr")?)
-    };
-    let proxy_listener = match proxy {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the proxy on {addr}"))?,
-        ),
-        None => None,
-    };
-    let proxy_url = proxy_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| format!("http://{a}"));
-    let cfg = ManagerConfig {
-        data_dir: data_dir.to_path_buf(),
-        blockd_socket: a.blockd_socket.clone(),
-        default_image: a.image.clone(),
-        defaults: Settings {
-            vcpus: a.vcpus,
-            memory_mib: a.memory_mib,
-            idle_warm_secs: a.idle_warm_secs,
-            idle_cold_secs: a.idle_cold_secs,
-            http_port: a.http_port,
-        },
-        domain: a.domain.clone(),
-        proxy_url: proxy_url.clone(),
-        boot_timeout: Duration::from_secs(a.boot_timeout_secs),
-        agent_timeout: Duration::from_secs(a.agent_timeout_secs),
-        min_mem_available_mib: a.min_mem_available_mib,
-        restart_on_crash: a.restart_on_crash,
-        agent_bin,
-    };
-    let launcher = vmm_glue::vm::QemuLauncher::new(
-        &a.accel,
-        &a.accel_cache
-            .clone()
-            .unwrap_or_else(|| data_dir.join("accel")),
-    )
-    .await?;
-    let m = Manager::open(cfg, Arc::new(launcher)).await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("binding {}", socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    }
-    let hk = tokio::spawn(m.clone().run_housekeeping(stop.clone()));
-    if let Some(l) = proxy_listener {
-        tokio::spawn(vmm_glue::proxy::serve(m.clone(), l, stop.clone()));
-    }
-    tracing::info!(socket = %socket.display(), proxy = ?proxy_url, vmm = %m.launcher_name(), "sprited ready");
-    let app = vmm_glue::server::router(m.clone());
-    let s = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await
-    });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down: pausing sprites cold");
-    stop.cancel();
-    m.shutdown().await;
-    let _ = hk.await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    vmm_glue::serve::init_tracing("SPRITED_LOG");
+    let mut host = vmm_glue::serve::Host::start(data_dir, a, a.proxy_authorizer_none()).await?;
+    host.serve_control(socket).await?;
+    tracing::info!(socket = %socket.display(), proxy = ?host.manager.config().proxy_url, vmm = %host.manager.launcher_name(), "sprited ready");
+    vmm_glue::serve::wait_for_signal().await?;
+    host.shutdown().await;
     let _ = std::fs::remove_file(socket);
     Ok(())
 }

@@ -1,0 +1,502 @@
+//! The user-facing API end to end: the real `blockd` and `sprite-api` (with QEMU under it),
+//! raw HTTP for every endpoint's error paths and org isolation, the `sprite` CLI for the happy
+//! paths, and control-plane recovery from the object store.
+
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tests::{Daemon, bin_path, text};
+
+const ADMIN: &str = "test-admin-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Api {
+    child: Child,
+    port: u16,
+    proxy: u16,
+    metrics: u16,
+    log: PathBuf,
+}
+
+impl Api {
+    fn start(dir: &Path, vmm: &Path, control: &Path, blockd: &Daemon) -> Api {
+        let (port, proxy, metrics) = (free_port(), free_port(), free_port());
+        let log = dir.with_extension("log");
+        let mut c = Command::new(bin_path("sprite-api"));
+        c.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--vmm-dir")
+            .arg(vmm)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--proxy-addr", &format!("127.0.0.1:{proxy}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .arg("--control-store")
+            .arg(format!("file://{}", control.display()))
+            .args(["--replicate-secs", "1", "--admin-token", ADMIN])
+            .arg("--blockd-socket")
+            .arg(blockd.data_dir.join("admin.sock"))
+            .args(["--idle-warm-secs", "0", "--min-mem-available-mib", "0"])
+            .arg("--accel-cache")
+            .arg(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sprites-accel"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            );
+        if let Ok(a) = std::env::var("SPRITES_GUEST_ACCEL") {
+            c.args(["--accel", &a]);
+        }
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            let exited = child.try_wait().unwrap().is_some();
+            assert!(
+                !exited && Instant::now() < deadline,
+                "sprite-api did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Api {
+            child,
+            port,
+            proxy,
+            metrics,
+            log,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = &b[i + 2 + n + 2..];
+    }
+    out
+}
+
+fn jhttp(port: u16, method: &str, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    let b = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (s, r) = http(port, method, path, token, &b);
+    (s, serde_json::from_slice(&r).unwrap_or(Value::Null))
+}
+
+struct Cli {
+    config: PathBuf,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        tests::run(
+            Command::new(bin_path("sprite"))
+                .env("SPRITE_CONFIG", &self.config)
+                .args(args),
+            Duration::from_secs(180),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "sprite {args:?}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        text(&o.stdout)
+    }
+}
+
+#[test]
+fn api_cli_isolation_and_control_plane_recovery() {
+    let _lock = tests::guest_lock(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest"));
+    let dir = tempfile::tempdir().unwrap();
+    let blockd = Daemon::start(&dir.path().join("blockd"));
+    let (apidir, vmm, control) = (
+        dir.path().join("api"),
+        dir.path().join("vmm"),
+        dir.path().join("control"),
+    );
+    let mut api = Api::start(&apidir, &vmm, &control, &blockd);
+    let p = api.port;
+
+    // The OpenAPI document lists every route and needs no token.
+    let (s, doc) = jhttp(p, "GET", "/v1/openapi.json", None, Value::Null);
+    assert_eq!(s, 200);
+    for path in [
+        "/v1/sprites",
+        "/v1/sprites/{name}/exec",
+        "/v1/sprites/{name}/checkpoints/{id}/restore",
+        "/v1/usage",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+
+    // Auth: 401 without or with a bad token; 403 for the wrong kind of token.
+    assert_eq!(jhttp(p, "GET", "/v1/sprites", None, Value::Null).0, 401);
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites", Some("spr_x_y_z"), Value::Null).0,
+        401
+    );
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites", Some(ADMIN), Value::Null).0,
+        403
+    );
+    let (s, a) = jhttp(p, "POST", "/v1/orgs", Some(ADMIN), json!({"name": "acme"}));
+    assert_eq!(s, 201, "{a}");
+    let ta = a["token"].as_str().unwrap().to_string();
+    let (_, b) = jhttp(p, "POST", "/v1/orgs", Some(ADMIN), json!({"name": "beta"}));
+    let tb = b["token"].as_str().unwrap().to_string();
+    assert_eq!(jhttp(p, "GET", "/v1/orgs", Some(&ta), Value::Null).0, 403);
+    assert_eq!(
+        jhttp(p, "POST", "/v1/orgs", Some(ADMIN), json!({"name": "acme"})).0,
+        409
+    );
+    assert_eq!(
+        jhttp(p, "POST", "/v1/orgs", Some(ADMIN), json!({"name": "Bad!"})).0,
+        422
+    );
+
+    // Bad bodies and parameters.
+    assert_eq!(
+        http(p, "POST", "/v1/sprites", Some(&ta), b"{not json").0,
+        400
+    );
+    assert_eq!(
+        jhttp(
+            p,
+            "POST",
+            "/v1/sprites",
+            Some(&ta),
+            json!({"name": "x", "bogus": 1})
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        jhttp(
+            p,
+            "POST",
+            "/v1/sprites",
+            Some(&ta),
+            json!({"name": "Bad_Name"})
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        jhttp(
+            p,
+            "POST",
+            "/v1/sprites",
+            Some(&ta),
+            json!({"name": "x", "settings": {"vcpus": 0}})
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites?limit=0", Some(&ta), Value::Null).0,
+        400
+    );
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites/nope", Some(&ta), Value::Null).0,
+        404
+    );
+
+    // The CLI: login, create, exec, files, url, checkpoints, fork, usage.
+    let cli = Cli {
+        config: dir.path().join("cli.json"),
+    };
+    let url = format!("http://127.0.0.1:{p}");
+    assert_eq!(
+        cli.run(&["login", "--url", &url, "--token", "spr_bad_1_2"])
+            .status
+            .code(),
+        Some(2)
+    );
+    cli.ok(&["login", "--url", &url, "--token", &ta]);
+    assert!(cli.ok(&["create", "web"]).contains("web is active"));
+    assert_eq!(cli.ok(&["exec", "--", "sh", "-c", "echo hello"]), "hello\n");
+    assert_eq!(
+        cli.run(&["exec", "--", "sh", "-c", "exit 4"]).status.code(),
+        Some(4)
+    );
+    let local = dir.path().join("f.txt");
+    std::fs::write(&local, b"content-1\n").unwrap();
+    cli.ok(&["cp", local.to_str().unwrap(), ":/www/index.html"]);
+    let back = dir.path().join("back.txt");
+    cli.ok(&["cp", ":/www/index.html", back.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&back).unwrap(), b"content-1\n");
+    cli.ok(&["exec", "--", "httpd", "-p", "8080", "-h", "/www"]);
+    let list: Value = serde_json::from_str(&cli.ok(&["--json", "list"])).unwrap();
+    assert_eq!(list[0]["name"], "web");
+    let ck: Value =
+        serde_json::from_str(&cli.ok(&["--json", "checkpoint", "create", "--comment", "one"]))
+            .unwrap();
+    assert_eq!(ck["id"], "v1");
+    assert!(cli.ok(&["checkpoint", "list"]).contains("one"));
+    assert!(cli.ok(&["url"]).contains("(private)"));
+
+    // The sprite's URL: private by default (401 without a token, 404 for another org's token).
+    let internal_path = "/s/acme--web/";
+    assert_eq!(http(api.proxy, "GET", internal_path, None, b"").0, 401);
+    assert_eq!(http(api.proxy, "GET", internal_path, Some(&tb), b"").0, 404);
+    let (s, body) = http(api.proxy, "GET", internal_path, Some(&ta), b"");
+    assert_eq!(
+        (s, body.as_slice()),
+        (200, &b"content-1\n"[..]),
+        "{}",
+        api.logs()
+    );
+    cli.ok(&["url", "--auth", "public"]);
+    assert_eq!(http(api.proxy, "GET", internal_path, None, b"").0, 200);
+
+    // Org isolation: beta sees nothing of acme's, everything is 404.
+    for (m, path, body) in [
+        ("GET", "/v1/sprites/web", Value::Null),
+        (
+            "PUT",
+            "/v1/sprites/web",
+            json!({"settings": {"idle_warm_secs": 5}}),
+        ),
+        ("DELETE", "/v1/sprites/web", Value::Null),
+        ("POST", "/v1/sprites/web/exec", json!({"args": ["true"]})),
+        ("GET", "/v1/sprites/web/sessions", Value::Null),
+        ("POST", "/v1/sprites/web/hibernate", json!({})),
+        ("GET", "/v1/sprites/web/fs/www/index.html", Value::Null),
+        ("GET", "/v1/sprites/web/checkpoints", Value::Null),
+        ("POST", "/v1/sprites/web/checkpoints", json!({})),
+        (
+            "POST",
+            "/v1/sprites/web/checkpoints/v1/restore",
+            Value::Null,
+        ),
+        (
+            "POST",
+            "/v1/sprites/web/fork",
+            json!({"checkpoint": "v1", "name": "stolen"}),
+        ),
+        ("GET", "/v1/sprites/web/usage", Value::Null),
+    ] {
+        let (s, v) = jhttp(p, m, path, Some(&tb), body);
+        assert_eq!(s, 404, "{m} {path} with another org's token: {v}");
+    }
+    let (_, l) = jhttp(p, "GET", "/v1/sprites", Some(&tb), Value::Null);
+    assert_eq!(l["sprites"].as_array().unwrap().len(), 0);
+    assert!(http(p, "PUT", "/v1/sprites/web/fs/root/x", Some(&tb), b"x").0 == 404);
+
+    // Fork, usage, hibernate, conflicts.
+    assert!(cli.ok(&["fork", "v1", "web2"]).contains("web2 is active"));
+    assert_eq!(cli.run(&["fork", "v1", "web2"]).status.code(), Some(4));
+    assert_eq!(
+        cli.run(&["-s", "web2", "exec", "--", "cat", "/www/index.html"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let u: Value = serde_json::from_str(&cli.ok(&["usage"])).unwrap();
+    assert!(
+        u["cpu_seconds"].as_f64().unwrap() > 0.0 && u["head_bytes"].as_i64().unwrap() > 0,
+        "{u}"
+    );
+    let ou: Value = serde_json::from_str(&cli.ok(&["usage", "--org"])).unwrap();
+    assert_eq!(ou["sprites"].as_array().unwrap().len(), 2);
+    assert!(
+        cli.ok(&["hibernate", "--cold"])
+            .contains("hibernated (cold)")
+    );
+    cli.ok(&["destroy", "web2"]);
+
+    // Tokens: create, use, revoke.
+    let t2 = cli.ok(&["token", "ci"]).trim().to_string();
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites", Some(&t2), Value::Null).0,
+        200
+    );
+    let (_, toks) = jhttp(p, "GET", "/v1/tokens", Some(&ta), Value::Null);
+    let id = toks["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        jhttp(
+            p,
+            "DELETE",
+            &format!("/v1/tokens/{id}"),
+            Some(&ta),
+            Value::Null
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites", Some(&t2), Value::Null).0,
+        401
+    );
+
+    // Metrics.
+    let (s, m) = http(api.metrics, "GET", "/metrics", None, b"");
+    let m = String::from_utf8_lossy(&m).to_string();
+    assert_eq!(s, 200);
+    assert!(
+        m.contains("sprites_api_requests_total{route=\"/v1/sprites\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("sprites_by_state{state=\"hibernated_cold\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sprites_operation_duration_seconds_count{op=\"fork\"} 1"),
+        "{m}"
+    );
+    // Every API metric docs/metrics.md documents is exposed.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    for line in doc.lines().filter(|l| l.starts_with("| `sprites_")) {
+        let name = line.split('`').nth(1).unwrap();
+        let base = name.trim_end_matches("_total");
+        assert!(
+            m.contains(base),
+            "{name} is documented but not exposed:\n{m}"
+        );
+    }
+
+    // Control-plane recovery: stop the API, wipe its local state, start on the same bucket.
+    api.stop();
+    std::fs::remove_dir_all(&apidir).unwrap();
+    let api2 = Api::start(&apidir, &vmm, &control, &blockd);
+    let p = api2.port;
+    let (_, orgs) = jhttp(p, "GET", "/v1/orgs", Some(ADMIN), Value::Null);
+    assert_eq!(orgs["orgs"], json!(["acme", "beta"]));
+    assert_eq!(
+        jhttp(p, "GET", "/v1/sprites", Some(&t2), Value::Null).0,
+        401,
+        "revoked stays revoked"
+    );
+    let (s, v) = jhttp(p, "GET", "/v1/sprites/web", Some(&ta), Value::Null);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "hibernated");
+    let (_, cks) = jhttp(
+        p,
+        "GET",
+        "/v1/sprites/web/checkpoints",
+        Some(&ta),
+        Value::Null,
+    );
+    assert!(
+        cks["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == "v1" && c["comment"] == "one"),
+        "{cks}"
+    );
+    let (s, out) = http(
+        p,
+        "POST",
+        "/v1/sprites/web/exec",
+        Some(&ta),
+        br#"{"args":["cat","/www/index.html"]}"#,
+    );
+    assert_eq!(s, 200);
+    assert!(
+        String::from_utf8_lossy(&out).contains("Y29udGVudC0xCg=="),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        jhttp(p, "DELETE", "/v1/sprites/web", Some(&ta), Value::Null).0,
+        204
+    );
+}
