@@ -207,20 +207,13 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(resp);
         }
-        let b = resp
-            .into_body()
-            .collect()
+        let (code, message) = vmm_glue::client::error_of(resp)
             .await
-            .map_err(|e| SdkError::Protocol(e.to_string()))?
-            .to_bytes();
-        let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+            .map_err(SdkError::Protocol)?;
         Err(SdkError::Api {
             status,
-            code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
-            message: v["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {status}")),
+            code,
+            message,
         })
     }
 

@@ -70,20 +70,11 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(resp);
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (code, message) = error_of(resp).await.map_err(ClientError::Protocol)?;
         Err(ClientError::Api {
             status,
-            code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
-            message: v["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
+            code,
+            message,
         })
     }
 
@@ -157,4 +148,41 @@ pub fn enc(s: &str) -> String {
         }
     }
     o
+}
+
+/// The `{"error": {"code", "message"}}` of a failed response (shared with the API's SDK).
+pub async fn error_of(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<(String, String), String> {
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    Ok((
+        v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
+        v["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&body))),
+    ))
+}
+
+/// Prints rows as aligned columns (the first row is the header).
+pub fn print_table(rows: &[Vec<String>]) {
+    let n = rows.first().map(|r| r.len()).unwrap_or(0);
+    let w: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let l: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
+            .collect();
+        println!("{}", l.join("  ").trim_end());
+    }
 }

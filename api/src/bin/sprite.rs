@@ -233,21 +233,6 @@ impl Drop for Spinner {
     }
 }
 
-fn table(rows: &[Vec<String>]) {
-    let n = rows.first().map(|r| r.len()).unwrap_or(0);
-    let w: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let l: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
-            .collect();
-        println!("{}", l.join("  ").trim_end());
-    }
-}
-
 fn state(s: &api::sdk::Sprite) -> String {
     match &s.pause {
         Some(p) => format!("{} ({p})", s.state),
@@ -359,7 +344,7 @@ async fn command(cli: &Cli, c: &Client, cfg: &mut Value) -> Result<i32, SdkError
                         s.url.clone().unwrap_or_default(),
                     ]);
                 }
-                table(&rows);
+                vmm_glue::client::print_table(&rows);
             }
         }
         Cmd::Use { name } => {
@@ -501,7 +486,7 @@ async fn command(cli: &Cli, c: &Client, cfg: &mut Value) -> Result<i32, SdkError
                         for ck in l {
                             rows.push(vec![ck.id, ck.comment]);
                         }
-                        table(&rows);
+                        vmm_glue::client::print_table(&rows);
                     }
                 }
                 CheckpointCmd::Restore { id } => {

@@ -273,21 +273,6 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn table(rows: &[Vec<String>]) {
-    let n = rows.first().map(|r| r.len()).unwrap_or(0);
-    let w: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = w[i]))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
-}
-
 /// After hibernate/wake: the JSON, or `NAME: STATE (N ms)`.
 fn print_state_change(json: bool, name: &str, v: &Value) {
     if json {
@@ -379,7 +364,7 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                         s["reason"].as_str().unwrap_or("").into(),
                     ]);
                 }
-                table(&rows);
+                vmm_glue::client::print_table(&rows);
             }
         }
         Cmd::Get { name } => print_json(&c.call("GET", &sp(name), None).await?),
@@ -461,7 +446,7 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                         cmd.join(" "),
                     ]);
                 }
-                table(&rows);
+                vmm_glue::client::print_table(&rows);
             }
         }
         Cmd::Attach { name, session } => {
@@ -583,7 +568,7 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                         e["name"].as_str().unwrap_or("").into(),
                     ]);
                 }
-                table(&rows);
+                vmm_glue::client::print_table(&rows);
             }
         }
         Cmd::Checkpoint(cc) => match cc {
@@ -621,7 +606,7 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                             ck["comment"].as_str().unwrap_or("").into(),
                         ]);
                     }
-                    table(&rows);
+                    vmm_glue::client::print_table(&rows);
                 }
             }
             CheckpointCmd::Restore { name, checkpoint } => {
