@@ -56,13 +56,18 @@ fi
 qemu-img --version | head -n1 >&2
 command -v qemu-io >/dev/null || { log "qemu-io missing after install"; exit 1; }
 
-# Python tools used by the test suite (real S3 server, API fuzzing) in a private venv.
+# Python tools used by the test suite (real S3 server: moto; API fuzzing: schemathesis) in a
+# private venv.
 VENV=${SPRITES_VENV:-/opt/sprites-venv}
 if [ "${SETUP_PYTHON:-1}" = 1 ]; then
   if [ ! -x "$VENV/bin/moto_server" ]; then
     log "creating python venv at $VENV (moto[server])"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+  fi
+  if [ ! -x "$VENV/bin/st" ]; then
+    log "installing schemathesis into $VENV (API fuzzing)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5'
   fi
 fi
 

@@ -270,15 +270,16 @@ pub struct RouteDoc {
     pub path: &'static str,
     pub summary: &'static str,
     pub auth: &'static str,
-    pub body: Option<fn() -> Value>,
+    /// JSON Schema of the request body (its named types go to `components/schemas`).
+    pub body: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
     /// Success status and content type.
     pub ok: (u16, &'static str),
     /// Error statuses this route can answer with.
     pub errors: &'static [u16],
 }
 
-fn schema<T: JsonSchema>() -> Value {
-    serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+fn schema<T: JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    g.subschema_for::<T>()
 }
 
 const JSON: &str = "application/json";
@@ -586,8 +587,9 @@ pub fn router(app: App) -> Router {
     .with_state(app)
 }
 
-/// The OpenAPI 3.1 document of [`routes`].
+/// The OpenAPI 3.0 document of [`routes`] (request schemas generated from the Rust types).
 pub fn openapi() -> Value {
+    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     let mut paths = serde_json::Map::new();
     for (d, _) in routes() {
         let mut op = json!({
@@ -607,8 +609,9 @@ pub fn openapi() -> Value {
             op["parameters"] = Value::Array(params);
         }
         if let Some(b) = d.body {
+            let sch = serde_json::to_value(b(&mut generator)).unwrap_or_default();
             op["requestBody"] =
-                json!({"required": false, "content": {"application/json": {"schema": b()}}});
+                json!({"required": false, "content": {"application/json": {"schema": sch}}});
         }
         if d.path.ends_with("/fs/{*path}") && d.method == "put" {
             op["requestBody"] =
@@ -639,18 +642,26 @@ pub fn openapi() -> Value {
         let entry = paths.entry(path).or_insert_with(|| json!({}));
         entry[d.method] = op;
     }
+    let mut schemas = serde_json::Map::new();
+    for (k, v) in generator.take_definitions(true) {
+        schemas.insert(k, v);
+    }
+    schemas.insert(
+        "Error".into(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}}}}
+        }),
+    );
     json!({
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",
         "info": {"title": "sprites API", "version": env!("CARGO_PKG_VERSION")},
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                    "code": {"type": "string"}, "message": {"type": "string"}}}}
-            }}
+            "schemas": schemas
         }
     })
 }
