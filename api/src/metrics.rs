@@ -69,7 +69,7 @@ impl Default for ApiMetrics {
         );
         registry.register(
             "sprites_operation_duration_seconds",
-            "Latency of sprite operations through the API: create, checkpoint, restore, fork, warm_wake, cold_wake",
+            "Latency of sprite operations: create, checkpoint, restore, fork (through the API); warm_wake, cold_wake (every wake, whatever caused it)",
             ops.clone(),
         );
         registry.register(

@@ -415,6 +415,25 @@ impl Client {
         Ok(out)
     }
 
+    /// Sends bytes to a running session's stdin (`close`: then closes it).
+    pub async fn send_stdin(
+        &self,
+        name: &str,
+        session: &str,
+        data: Vec<u8>,
+        close: bool,
+    ) -> Result<()> {
+        let q = if close { "?close=true" } else { "" };
+        self.send(
+            "POST",
+            &format!("/v1/sprites/{name}/sessions/{session}/stdin{q}"),
+            "application/octet-stream",
+            data.into(),
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>> {
         let resp = self
             .send(

@@ -449,6 +449,16 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<App>)> {
         ),
         r!(
             "post",
+            "/v1/sprites/{name}/sessions/{id}/stdin",
+            "Send bytes to a session's stdin (close=true closes it after)",
+            "org",
+            None,
+            (204, JSON),
+            E_STATE,
+            post(session_stdin)
+        ),
+        r!(
+            "post",
             "/v1/sprites/{name}/hibernate",
             "Pause now: warm (memory kept) or cold (VM stopped)",
             "org",
@@ -613,7 +623,7 @@ pub fn openapi() -> Value {
             op["requestBody"] =
                 json!({"required": false, "content": {"application/json": {"schema": sch}}});
         }
-        if d.path.ends_with("/fs/{*path}") && d.method == "put" {
+        if (d.path.ends_with("/fs/{*path}") && d.method == "put") || d.path.ends_with("/stdin") {
             op["requestBody"] =
                 json!({"content": {BYTES: {"schema": {"type": "string", "format": "binary"}}}});
         }
@@ -918,6 +928,53 @@ async fn kill_session(
         }
         other => other.into(),
     })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn session_stdin(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path((name, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    if body.len() > MAX_JSON {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "send stdin in pieces of at most 1 MiB",
+        ));
+    }
+    let list =
+        a.m.agent_call(&internal, vmm_glue::proto::Op::Sessions)
+            .await?;
+    let running = list.as_array().is_some_and(|l| {
+        l.iter().any(|s| {
+            s["id"] == id.as_str() && s["exit_code"].is_null() && s["exit_signal"].is_null()
+        })
+    });
+    if !running {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no running session {id:?}"),
+        ));
+    }
+    let (_guard, agent) = a.m.hold(&internal, "stdin").await?;
+    if !body.is_empty() {
+        agent
+            .notify(vmm_glue::proto::Op::Stdin {
+                session: id.clone(),
+                data: body.to_vec(),
+            })
+            .map_err(SpriteError::from)?;
+    }
+    if q.get("close").is_some_and(|v| v == "true" || v == "1") {
+        agent
+            .notify(vmm_glue::proto::Op::CloseStdin { session: id })
+            .map_err(SpriteError::from)?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

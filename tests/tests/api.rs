@@ -390,6 +390,139 @@ fn api_cli_isolation_and_control_plane_recovery() {
         cli.ok(&["hibernate", "--cold"])
             .contains("hibernated (cold)")
     );
+    cli.ok(&["exec", "--", "true"]); // a cold wake
+
+    // A detachable session driven over HTTP: stdin in, output through attach, kill.
+    // The exec stream of a detachable command lasts as long as it runs: read its first event
+    // and hang up (the session is detached, not killed).
+    let started: Value = {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let body =
+            br#"{"args":["sh","-c","while read l; do echo got:$l; done"],"detachable":true}"#;
+        write!(
+            c,
+            "POST /v1/sprites/web/exec HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ta}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        c.write_all(body).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let text = loop {
+            let n = c.read(&mut chunk).unwrap();
+            assert!(
+                n > 0,
+                "exec stream ended early: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let t = String::from_utf8_lossy(&buf).to_string();
+            if t.contains("\"session\"") && t.contains("}\n") {
+                break t;
+            }
+        };
+        let start = text.find("{\"event\"").unwrap();
+        let end = start + text[start..].find('\n').unwrap();
+        serde_json::from_str(&text[start..end]).unwrap()
+    };
+    let sid = started["session"].as_str().unwrap().to_string();
+    let stdin_path = format!("/v1/sprites/web/sessions/{sid}/stdin");
+    let (st, b) = http(p, "POST", &stdin_path, Some(&ta), b"ping\n");
+    let (_, dbg) = jhttp(p, "GET", "/v1/sprites/web/sessions", Some(&ta), Value::Null);
+    assert_eq!(st, 204, "{} {dbg} {started}", String::from_utf8_lossy(&b));
+    assert_eq!(http(p, "POST", &stdin_path, Some(&tb), b"x\n").0, 404);
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            "/v1/sprites/web/sessions/s999/stdin",
+            Some(&ta),
+            b"x"
+        )
+        .0,
+        404
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, sess) = jhttp(p, "GET", "/v1/sprites/web/sessions", Some(&ta), Value::Null);
+    assert!(
+        sess["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == sid.as_str()),
+        "{sess}"
+    );
+    // attach streams until the session ends: kill it from another connection meanwhile.
+    let (ta2, sid2) = (ta.clone(), sid.clone());
+    let attach = std::thread::spawn(move || {
+        http(
+            p,
+            "GET",
+            &format!("/v1/sprites/web/sessions/{sid2}/attach"),
+            Some(&ta2),
+            b"",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        jhttp(
+            p,
+            "DELETE",
+            &format!("/v1/sprites/web/sessions/{sid}"),
+            Some(&ta),
+            Value::Null
+        )
+        .0,
+        204
+    );
+    let (s, body) = attach.join().unwrap();
+    assert_eq!(s, 200);
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert!(
+        body.contains("Z290OnBpbmcK"),
+        "attach shows the scrollback (got:ping): {body}"
+    );
+    assert!(body.contains("\"signal\":9"), "{body}");
+    // A checkpoint by id, and deleting one.
+    let (s, one) = jhttp(
+        p,
+        "GET",
+        "/v1/sprites/web/checkpoints/v1",
+        Some(&ta),
+        Value::Null,
+    );
+    assert_eq!((s, one["comment"].as_str()), (200, Some("one")));
+    let (_, ck2) = jhttp(
+        p,
+        "POST",
+        "/v1/sprites/web/checkpoints",
+        Some(&ta),
+        json!({"comment": "two"}),
+    );
+    let id2 = ck2["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        jhttp(
+            p,
+            "DELETE",
+            &format!("/v1/sprites/web/checkpoints/{id2}"),
+            Some(&ta),
+            Value::Null
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        jhttp(
+            p,
+            "GET",
+            &format!("/v1/sprites/web/checkpoints/{id2}"),
+            Some(&ta),
+            Value::Null
+        )
+        .0,
+        404
+    );
     cli.ok(&["destroy", "web2"]);
 
     // Tokens: create, use, revoke.
@@ -432,12 +565,13 @@ fn api_cli_isolation_and_control_plane_recovery() {
         m.contains("sprites_api_requests_total{route=\"/v1/sprites\""),
         "{m}"
     );
+    assert!(m.contains("sprites_by_state{state=\"active\"} 1"), "{m}");
     assert!(
-        m.contains("sprites_by_state{state=\"hibernated_cold\"} 1"),
+        m.contains("sprites_operation_duration_seconds_count{op=\"fork\"} 1"),
         "{m}"
     );
     assert!(
-        m.contains("sprites_operation_duration_seconds_count{op=\"fork\"} 1"),
+        m.contains("sprites_operation_duration_seconds_count{op=\"cold_wake\"} 1"),
         "{m}"
     );
     // The Grafana dashboard only queries documented metrics.

@@ -437,7 +437,19 @@ pub struct Manager {
     object_store: bool,
     nbd_socket: PathBuf,
     sprites: Mutex<HashMap<String, Arc<Sprite>>>,
+    wake_observer: std::sync::OnceLock<Observer>,
 }
+
+struct Observer(WakeObserver);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WakeObserver")
+    }
+}
+
+/// Called after every successful wake with its kind and duration (metrics).
+pub type WakeObserver = Box<dyn Fn(Pause, Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Sprite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -524,6 +536,7 @@ impl Manager {
             object_store,
             nbd_socket,
             sprites: Mutex::new(sprites),
+            wake_observer: std::sync::OnceLock::new(),
         });
         for s in m.sprites.lock().values() {
             m.persist(s);
@@ -848,6 +861,7 @@ impl Manager {
                 *s.paused_at.lock() = None;
                 s.rec.lock().usage.warm_wakes += 1;
                 self.set_state(s, State::Active, None, reason);
+                self.observe_wake(Pause::Warm, t0.elapsed());
                 Ok(Some(Timings {
                     storage_ms: 0.0,
                     vmm_ms: ms(t0.elapsed()),
@@ -860,8 +874,22 @@ impl Manager {
                     self.set_state(s, State::Waking, None, reason);
                 }
                 let t = self.boot(s, reason).await?;
+                if state != State::Pending {
+                    self.observe_wake(Pause::Cold, t0.elapsed());
+                }
                 Ok(Some(t))
             }
+        }
+    }
+
+    /// Registers the wake observer (once; later calls are ignored).
+    pub fn set_wake_observer(&self, f: WakeObserver) {
+        let _ = self.wake_observer.set(Observer(f));
+    }
+
+    fn observe_wake(&self, kind: Pause, took: Duration) {
+        if let Some(f) = self.wake_observer.get() {
+            (f.0)(kind, took);
         }
     }
 

@@ -137,6 +137,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("building the base image")?;
     let metrics = Arc::new(api::metrics::ApiMetrics::default());
+    {
+        let met = metrics.clone();
+        host.manager.set_wake_observer(Box::new(move |kind, took| {
+            let op = match kind {
+                vmm_glue::manager::Pause::Warm => "warm_wake",
+                vmm_glue::manager::Pause::Cold => "cold_wake",
+            };
+            met.op(op, took);
+        }));
+    }
     let app = api::server::App {
         m: host.manager.clone(),
         cp: cp.clone(),

@@ -101,7 +101,8 @@ enum Cmd {
     Attach {
         session: String,
     },
-    /// A shell (a detachable session on a terminal; output only over this API version).
+    /// An interactive shell: a detachable session on a terminal; our stdin goes to it line by
+    /// line (Ctrl-D detaches; `sprite attach` resumes).
     Console,
     Hibernate {
         #[arg(long)]
@@ -409,8 +410,7 @@ async fn command(cli: &Cli, c: &Client, cfg: &mut Value) -> Result<i32, SdkError
         }
         Cmd::Console => {
             let n = current(cli, cfg)?;
-            let body = json!({"args": ["sh", "-l"], "tty": true, "detachable": true});
-            return follow(c.exec(&n, body, print_event(cli.json, true)).await);
+            return console(c, &n).await;
         }
         Cmd::Hibernate { cold } => {
             let n = current(cli, cfg)?;
@@ -574,6 +574,46 @@ fn print_event(json: bool, announce: bool) -> impl FnMut(ExecEvent) {
             ExecEvent::Error(m) => eprintln!("sprite: {m}"),
             _ => {}
         }
+    }
+}
+
+/// Runs a detachable shell on a terminal and forwards our stdin to it until EOF (the session
+/// keeps running after; `exit` in the shell ends it).
+async fn console(c: &Client, name: &str) -> Result<i32, SdkError> {
+    let (sid_tx, sid_rx) = tokio::sync::oneshot::channel::<String>();
+    let mut sid_tx = Some(sid_tx);
+    let body = json!({"args": ["sh", "-l"], "tty": true, "detachable": true});
+    let mut print = print_event(false, true);
+    let output = c.exec(name, body, move |e| {
+        if let ExecEvent::Started { session } = &e
+            && let Some(tx) = sid_tx.take()
+        {
+            let _ = tx.send(session.clone());
+        }
+        print(e)
+    });
+    let input = async {
+        let Ok(session) = sid_rx.await else {
+            return Ok::<(), SdkError>(());
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                if tx.send(std::mem::take(&mut line).into_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(data) = rx.recv().await {
+            c.send_stdin(name, &session, data, false).await?;
+        }
+        eprintln!("[detached: sprite attach {session}]");
+        Ok(())
+    };
+    tokio::select! {
+        r = output => follow(r),
+        r = input => r.map(|_| 0),
     }
 }
 
