@@ -1147,7 +1147,7 @@ async fn restore_checkpoint(
     a.metrics.op("restore", t0.elapsed());
     let mut j = json!({
         "restored": id,
-        "previous_head": r["previous_head"].as_u64().map(|n| format!("v{n}")),
+        "previous_head": checkpoint_json(r["previous_head"].clone())["id"].clone(),
         "timings": t,
     });
     j["sprite"] = sprite_json(&a, &org, &name, &internal, false).await?;

@@ -484,6 +484,35 @@ fn api_cli_isolation_and_control_plane_recovery() {
         "attach shows the scrollback (got:ping): {body}"
     );
     assert!(body.contains("\"signal\":9"), "{body}");
+    // Restore through the API: a changed file comes back as it was at v1.
+    std::fs::write(&local, b"content-2\n").unwrap();
+    cli.ok(&["cp", local.to_str().unwrap(), ":/www/index.html"]);
+    cli.ok(&["exec", "--", "sync"]);
+    let (s, r) = jhttp(
+        p,
+        "POST",
+        "/v1/sprites/web/checkpoints/v1/restore",
+        Some(&ta),
+        Value::Null,
+    );
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["sprite"]["state"], "active", "{r}");
+    assert!(r["previous_head"].as_str().unwrap().starts_with('v'), "{r}");
+    assert_eq!(
+        cli.ok(&["exec", "--", "cat", "/www/index.html"]),
+        "content-1\n"
+    );
+    assert_eq!(
+        jhttp(
+            p,
+            "POST",
+            "/v1/sprites/web/checkpoints/v99/restore",
+            Some(&ta),
+            Value::Null
+        )
+        .0,
+        404
+    );
     // A checkpoint by id, and deleting one.
     let (s, one) = jhttp(
         p,

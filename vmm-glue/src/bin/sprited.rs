@@ -289,6 +289,7 @@ fn print_state_change(json: bool, name: &str, v: &Value) {
 /// Checkpoint ids as users write them (`v3`; blockd reports the number).
 fn ck_id(v: &Value) -> String {
     match v {
+        Value::Object(o) => ck_id(o.get("id").unwrap_or(&Value::Null)),
         Value::Number(n) => format!("v{n}"),
         Value::String(s) => s.clone(),
         _ => "?".into(),
