@@ -39,14 +39,7 @@ impl SdkError {
     pub fn exit_code(&self) -> i32 {
         match self {
             SdkError::Unreachable { .. } => 7,
-            SdkError::Api { status, .. } => match status {
-                401 | 403 => 2,
-                404 => 3,
-                409 => 4,
-                400 | 422 => 5,
-                503 => 6,
-                _ => 1,
-            },
+            SdkError::Api { status, .. } => vmm_glue::client::exit_code_for_status(*status),
             SdkError::Protocol(_) => 1,
         }
     }

@@ -6,7 +6,7 @@
 //! exist).
 
 use crate::metrics::ApiMetrics;
-use crate::store::{ControlPlane, StoreError, UsageSample, internal_name};
+use crate::store::{ControlPlane, SpriteRow, StoreError, UsageSample};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use vmm_glue::manager::{Manager, Pause, SettingsPatch, SpriteError};
-use vmm_glue::server::ExecRequest;
+use vmm_glue::server::{ExecRequest, PathContent};
 
 /// Largest JSON body.
 pub const MAX_JSON: usize = 1 << 20;
@@ -183,9 +183,15 @@ fn admin(a: &App, headers: &HeaderMap) -> ApiResult<()> {
 
 /// The caller's sprite: (org, user name, internal name). 404 for other organizations' sprites.
 fn sprite_of(a: &App, headers: &HeaderMap, name: &str) -> ApiResult<(String, String)> {
+    let (org, row) = sprite_row(a, headers, name)?;
+    Ok((org, row.internal))
+}
+
+/// [`sprite_of`] with the whole control-plane row.
+fn sprite_row(a: &App, headers: &HeaderMap, name: &str) -> ApiResult<(String, SpriteRow)> {
     let org = org_of(a, headers)?;
     let row = a.cp.sprite(&org, name)?;
-    Ok((org, row.internal))
+    Ok((org, row))
 }
 
 // ---- request bodies (their JSON Schemas go into the OpenAPI document) ----
@@ -725,21 +731,15 @@ async fn revoke_token(
 }
 
 /// A sprite as users see it: the host's view with the user's name and URL.
-async fn sprite_json(
-    a: &App,
-    org: &str,
-    name: &str,
-    internal: &str,
-    with_storage: bool,
-) -> ApiResult<Value> {
+async fn sprite_json(a: &App, org: &str, row: &SpriteRow, with_storage: bool) -> ApiResult<Value> {
+    let internal = &row.internal;
     let v = if with_storage {
         a.m.describe(internal).await?
     } else {
         a.m.view(internal)?
     };
-    let row = a.cp.sprite(org, name)?;
     let mut j = serde_json::to_value(&v).unwrap_or_default();
-    j["name"] = json!(name);
+    j["name"] = json!(row.name);
     j["org"] = json!(org);
     j["url_auth"] = json!(row.url_auth);
     j["url"] = match &a.m.config().proxy_url {
@@ -761,18 +761,28 @@ async fn create_sprite(State(a): State<App>, h: HeaderMap, body: Bytes) -> ApiRe
         req.url_auth.unwrap_or(UrlAuth::Private).as_str(),
     )?;
     let t0 = Instant::now();
-    match a.m.create(&row.internal, None, &req.settings).await {
-        Ok((_, t)) => {
-            a.metrics.op("create", t0.elapsed());
-            let mut j = sprite_json(&a, &org, &req.name, &row.internal, false).await?;
-            j["timings"] = serde_json::to_value(t).unwrap_or_default();
-            Ok((StatusCode::CREATED, axum::Json(j)).into_response())
-        }
+    let created = a.m.create(&row.internal, None, &req.settings).await;
+    let t = host_result(&a, &org, &row, created)?;
+    a.metrics.op("create", t0.elapsed());
+    let mut j = sprite_json(&a, &org, &row, false).await?;
+    j["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok((StatusCode::CREATED, axum::Json(j)).into_response())
+}
+
+/// The host's answer to making a sprite (create, fork) whose row was just added: on failure
+/// the row goes too, unless the host kept the sprite (a failed boot leaves it in `error`,
+/// visible and retryable).
+fn host_result(
+    a: &App,
+    org: &str,
+    row: &SpriteRow,
+    r: Result<(vmm_glue::manager::SpriteView, vmm_glue::manager::Timings), SpriteError>,
+) -> ApiResult<vmm_glue::manager::Timings> {
+    match r {
+        Ok((_, t)) => Ok(t),
         Err(e) => {
-            // Keep the record only if the host kept the sprite (a failed boot leaves it in
-            // `error`, visible and retryable).
             if a.m.view(&row.internal).is_err() {
-                let _ = a.cp.remove_sprite(&org, &req.name);
+                let _ = a.cp.remove_sprite(org, &row.name);
             }
             Err(e.into())
         }
@@ -804,7 +814,7 @@ async fn list_sprites(
     let more = rows.len() > limit;
     let mut out = Vec::new();
     for r in rows.iter().take(limit) {
-        match sprite_json(&a, &org, &r.name, &r.internal, false).await {
+        match sprite_json(&a, &org, r, false).await {
             Ok(j) => out.push(j),
             Err(_) => out.push(json!({"name": r.name, "state": "unknown"})),
         }
@@ -822,8 +832,8 @@ async fn get_sprite(
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let (org, internal) = sprite_of(&a, &h, &name)?;
-    Ok(axum::Json(sprite_json(&a, &org, &name, &internal, true).await?).into_response())
+    let (org, row) = sprite_row(&a, &h, &name)?;
+    Ok(axum::Json(sprite_json(&a, &org, &row, true).await?).into_response())
 }
 
 async fn update_sprite(
@@ -832,13 +842,14 @@ async fn update_sprite(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let (org, internal) = sprite_of(&a, &h, &name)?;
+    let (org, mut row) = sprite_row(&a, &h, &name)?;
     let req: UpdateSprite = parse(&body)?;
-    a.m.update_settings(&internal, &req.settings).await?;
+    a.m.update_settings(&row.internal, &req.settings).await?;
     if let Some(u) = req.url_auth {
         a.cp.set_url_auth(&org, &name, u.as_str())?;
+        row.url_auth = u.as_str().to_string();
     }
-    Ok(axum::Json(sprite_json(&a, &org, &name, &internal, false).await?).into_response())
+    Ok(axum::Json(sprite_json(&a, &org, &row, false).await?).into_response())
 }
 
 async fn delete_sprite(
@@ -891,19 +902,7 @@ async fn attach(
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let (_, internal) = sprite_of(&a, &h, &name)?;
-    let list =
-        a.m.agent_call(&internal, vmm_glue::proto::Op::Sessions)
-            .await?;
-    if !list
-        .as_array()
-        .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()))
-    {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no session {id:?}"),
-        ));
-    }
+    vmm_glue::server::find_session(&a.m, &internal, &id).await?;
     let handle = a.m.attach(&internal, &id).await?;
     Ok(vmm_glue::server::stream_handle(handle, None))
 }
@@ -921,13 +920,7 @@ async fn kill_session(
             signal: libc::SIGKILL,
         },
     )
-    .await
-    .map_err(|e| match e {
-        SpriteError::Invalid(m) if m.starts_with("no session") => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", m)
-        }
-        other => other.into(),
-    })?;
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -946,35 +939,16 @@ async fn session_stdin(
             "send stdin in pieces of at most 1 MiB",
         ));
     }
-    let list =
-        a.m.agent_call(&internal, vmm_glue::proto::Op::Sessions)
-            .await?;
-    let running = list.as_array().is_some_and(|l| {
-        l.iter().any(|s| {
-            s["id"] == id.as_str() && s["exit_code"].is_null() && s["exit_signal"].is_null()
-        })
-    });
-    if !running {
+    let entry = vmm_glue::server::find_session(&a.m, &internal, &id).await?;
+    if !(entry["exit_code"].is_null() && entry["exit_signal"].is_null()) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no running session {id:?}"),
         ));
     }
-    let (_guard, agent) = a.m.hold(&internal, "stdin").await?;
-    if !body.is_empty() {
-        agent
-            .notify(vmm_glue::proto::Op::Stdin {
-                session: id.clone(),
-                data: body.to_vec(),
-            })
-            .map_err(SpriteError::from)?;
-    }
-    if q.get("close").is_some_and(|v| v == "true" || v == "1") {
-        agent
-            .notify(vmm_glue::proto::Op::CloseStdin { session: id })
-            .map_err(SpriteError::from)?;
-    }
+    let close = q.get("close").is_some_and(|v| v == "true" || v == "1");
+    vmm_glue::server::send_stdin(&a.m, &internal, &id, &body, close).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -984,12 +958,12 @@ async fn hibernate(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let (org, internal) = sprite_of(&a, &h, &name)?;
+    let (org, row) = sprite_row(&a, &h, &name)?;
     let req: HibernateBody = parse(&body)?;
     let mode = req.mode.unwrap_or(Pause::Warm);
-    let t = a.m.hibernate(&internal, mode, "requested").await?;
+    let t = a.m.hibernate(&row.internal, mode, "requested").await?;
     a.metrics.pause(mode);
-    let mut j = sprite_json(&a, &org, &name, &internal, false).await?;
+    let mut j = sprite_json(&a, &org, &row, false).await?;
     j["timings"] = serde_json::to_value(t).unwrap_or_default();
     Ok(axum::Json(j).into_response())
 }
@@ -1013,15 +987,9 @@ async fn get_file(
 ) -> ApiResult<Response> {
     let (_, internal) = sprite_of(&a, &h, &name)?;
     let path = fs_path(&path)?;
-    match vmm_glue::server::read_file(&a.m, &internal, &path).await {
-        Ok(data) => Ok(([("content-type", BYTES)], data).into_response()),
-        Err(SpriteError::Invalid(m)) if m.contains("directory") => {
-            let v =
-                a.m.agent_call(&internal, vmm_glue::proto::Op::ListDir { path })
-                    .await?;
-            Ok(axum::Json(json!({"entries": v})).into_response())
-        }
-        Err(e) => Err(e.into()),
+    match vmm_glue::server::read_path(&a.m, &internal, &path).await? {
+        PathContent::File(data) => Ok(([("content-type", BYTES)], data).into_response()),
+        PathContent::Dir(v) => Ok(axum::Json(json!({"entries": v})).into_response()),
     }
 }
 
@@ -1141,16 +1109,16 @@ async fn restore_checkpoint(
     h: HeaderMap,
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let (org, internal) = sprite_of(&a, &h, &name)?;
+    let (org, row) = sprite_row(&a, &h, &name)?;
     let t0 = Instant::now();
-    let (r, t) = a.m.restore(&internal, &id).await?;
+    let (r, t) = a.m.restore(&row.internal, &id).await?;
     a.metrics.op("restore", t0.elapsed());
     let mut j = json!({
         "restored": id,
         "previous_head": checkpoint_json(r["previous_head"].clone())["id"].clone(),
         "timings": t,
     });
-    j["sprite"] = sprite_json(&a, &org, &name, &internal, false).await?;
+    j["sprite"] = sprite_json(&a, &org, &row, false).await?;
     Ok(axum::Json(j).into_response())
 }
 
@@ -1160,30 +1128,24 @@ async fn fork(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let (org, internal) = sprite_of(&a, &h, &name)?;
+    let (org, parent) = sprite_row(&a, &h, &name)?;
     let req: ForkBody = parse(&body)?;
-    let url_auth = a.cp.sprite(&org, &name)?.url_auth;
-    let row = a.cp.add_sprite(&org, &req.name, &url_auth)?;
+    let row = a.cp.add_sprite(&org, &req.name, &parent.url_auth)?;
     let t0 = Instant::now();
-    match a
-        .m
-        .fork(&internal, &req.checkpoint, &row.internal, &req.settings)
-        .await
-    {
-        Ok((_, t)) => {
-            a.metrics.op("fork", t0.elapsed());
-            let mut j = sprite_json(&a, &org, &req.name, &row.internal, false).await?;
-            j["forked_from"] = json!(format!("{name}@{}", req.checkpoint));
-            j["timings"] = serde_json::to_value(t).unwrap_or_default();
-            Ok((StatusCode::CREATED, axum::Json(j)).into_response())
-        }
-        Err(e) => {
-            if a.m.view(&row.internal).is_err() {
-                let _ = a.cp.remove_sprite(&org, &req.name);
-            }
-            Err(e.into())
-        }
-    }
+    let forked =
+        a.m.fork(
+            &parent.internal,
+            &req.checkpoint,
+            &row.internal,
+            &req.settings,
+        )
+        .await;
+    let t = host_result(&a, &org, &row, forked)?;
+    a.metrics.op("fork", t0.elapsed());
+    let mut j = sprite_json(&a, &org, &row, false).await?;
+    j["forked_from"] = json!(format!("{name}@{}", req.checkpoint));
+    j["timings"] = serde_json::to_value(t).unwrap_or_default();
+    Ok((StatusCode::CREATED, axum::Json(j)).into_response())
 }
 
 fn range(q: &HashMap<String, String>) -> ApiResult<(i64, i64)> {
@@ -1301,9 +1263,4 @@ pub fn url_authorizer(cp: ControlPlane) -> vmm_glue::proxy::Authorize {
             )),
         }
     })
-}
-
-/// Internal name helper re-exported for the usage sampler.
-pub fn internal(org: &str, name: &str) -> String {
-    internal_name(org, name)
 }

@@ -291,6 +291,22 @@ impl Daemon {
     }
 }
 
+/// SIGTERM, then SIGKILL if the process has not exited within `grace` (never panics: used
+/// from `Drop`).
+pub fn terminate(c: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 fn wait_timeout(c: &mut Child, timeout: Duration) -> ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {

@@ -135,17 +135,7 @@ impl Sprited {
 impl Drop for Sprited {
     fn drop(&mut self) {
         // SIGTERM: the daemon stops its VMs.
-        // SAFETY: kill(2) on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        tests::terminate(&mut self.child, Duration::from_secs(60));
     }
 }
 

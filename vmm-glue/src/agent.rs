@@ -19,7 +19,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use crate::manager::now_ms;
+use std::time::{Duration, Instant};
 
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
@@ -70,12 +71,6 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn ok(value: serde_json::Value) -> Event {
     Event::Ok { value }
@@ -84,6 +79,27 @@ fn ok(value: serde_json::Value) -> Event {
 fn err(message: impl std::fmt::Display) -> Event {
     Event::Error {
         message: message.to_string(),
+        code: None,
+    }
+}
+
+fn no_session(session: &str) -> Event {
+    Event::Error {
+        message: format!("no session {session}"),
+        code: Some(proto::ERR_NOT_FOUND.into()),
+    }
+}
+
+/// A failed read or listing of `path`, with the code callers act on.
+fn path_err(path: &str, e: &std::io::Error) -> Event {
+    let code = match e.kind() {
+        std::io::ErrorKind::NotFound => Some(proto::ERR_NOT_FOUND.into()),
+        std::io::ErrorKind::IsADirectory => Some(proto::ERR_IS_DIRECTORY.into()),
+        _ => None,
+    };
+    Event::Error {
+        message: format!("{path}: {e}"),
+        code,
     }
 }
 
@@ -180,14 +196,14 @@ impl Agent {
                     }
                     return;
                 }
-                None => err(format!("no session {session}")),
+                None => no_session(&session),
             },
             Op::Detach { session } => match self.session(&session) {
                 Some(s) => {
                     s.state.lock().attached = None;
                     ok(serde_json::Value::Null)
                 }
-                None => err(format!("no session {session}")),
+                None => no_session(&session),
             },
             Op::Stdin { session, data } => match self.session(&session) {
                 Some(s) => match s.stdin.lock().as_mut() {
@@ -197,7 +213,7 @@ impl Agent {
                     },
                     None => err(format!("stdin of {session} is closed")),
                 },
-                None => err(format!("no session {session}")),
+                None => no_session(&session),
             },
             Op::CloseStdin { session } => match self.session(&session) {
                 Some(s) => {
@@ -211,7 +227,7 @@ impl Agent {
                     }
                     return;
                 }
-                None => err(format!("no session {session}")),
+                None => no_session(&session),
             },
             Op::Resize {
                 session,
@@ -224,7 +240,10 @@ impl Agent {
             }) {
                 Some(Ok(())) => ok(serde_json::Value::Null),
                 Some(Err(e)) => err(e),
-                None => err(format!("no terminal session {session}")),
+                None => Event::Error {
+                    message: format!("no terminal session {session}"),
+                    code: Some(proto::ERR_NOT_FOUND.into()),
+                },
             },
             Op::Kill { session, signal } => match self.session(&session) {
                 Some(s) => {
@@ -241,7 +260,7 @@ impl Agent {
                     }
                     ok(serde_json::Value::Null)
                 }
-                None => err(format!("no session {session}")),
+                None => no_session(&session),
             },
             Op::Sessions => ok(serde_json::to_value(self.session_infos()).unwrap_or_default()),
             Op::WriteFile {
@@ -255,11 +274,11 @@ impl Agent {
             },
             Op::ReadFile { path, offset, len } => match read_file(&path, offset, len) {
                 Ok(v) => ok(v),
-                Err(e) => err(format!("{path}: {e}")),
+                Err(e) => path_err(&path, &e),
             },
             Op::ListDir { path } => match list_dir(&path) {
                 Ok(v) => ok(serde_json::to_value(v).unwrap_or_default()),
-                Err(e) => err(format!("{path}: {e}")),
+                Err(e) => path_err(&path, &e),
             },
             Op::Freeze { timeout_ms } => match self.freeze(timeout_ms) {
                 Ok(()) => ok(serde_json::Value::Null),

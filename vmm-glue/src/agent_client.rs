@@ -18,9 +18,36 @@ pub enum AgentError {
     #[error("the connection to the guest runtime is closed")]
     Closed,
     #[error("{0}")]
-    Guest(String),
+    Guest(GuestError),
     #[error("unexpected reply from the guest runtime: {0}")]
     Protocol(String),
+}
+
+/// An error the guest runtime answered with (derefs to its message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestError {
+    pub message: String,
+    /// `proto::ERR_*` where the runtime classifies the failure.
+    pub code: Option<String>,
+}
+
+impl GuestError {
+    pub fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+}
+
+impl std::ops::Deref for GuestError {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for GuestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
@@ -112,7 +139,7 @@ impl AgentConn {
                                 let _ = tx.send(r.ev);
                             }
                             None => {
-                                if let Event::Error { message } = &r.ev {
+                                if let Event::Error { message, .. } = &r.ev {
                                     tracing::debug!(id = r.id, %message, "guest runtime error for a finished request");
                                 }
                             }
@@ -173,7 +200,9 @@ impl AgentConn {
             Err(_) => Err(AgentError::Timeout(timeout)),
             Ok(None) => Err(AgentError::Closed),
             Ok(Some(Event::Ok { value })) => Ok(value),
-            Ok(Some(Event::Error { message })) => Err(AgentError::Guest(message)),
+            Ok(Some(Event::Error { message, code })) => {
+                Err(AgentError::Guest(GuestError { message, code }))
+            }
             Ok(Some(other)) => Err(AgentError::Protocol(format!("{other:?}"))),
         }
     }

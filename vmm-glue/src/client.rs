@@ -25,13 +25,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Unreachable { .. } => 7,
-            ClientError::Api { status, .. } => match status {
-                404 => 3,
-                409 => 4,
-                400 | 422 => 5,
-                503 => 6,
-                _ => 1,
-            },
+            ClientError::Api { status, .. } => exit_code_for_status(*status),
             ClientError::Protocol(_) => 1,
         }
     }
@@ -185,4 +179,48 @@ pub fn print_table(rows: &[Vec<String>]) {
             .collect();
         println!("{}", l.join("  ").trim_end());
     }
+}
+
+/// Exit status of the command-line tools for an HTTP error status (docs/sprites.md,
+/// docs/api.md): 2 unauthorized, 3 not found, 4 conflict, 5 invalid, 6 unavailable, else 1.
+pub fn exit_code_for_status(status: u16) -> i32 {
+    match status {
+        401 | 403 => 2,
+        404 => 3,
+        409 => 4,
+        400 | 422 => 5,
+        503 => 6,
+        _ => 1,
+    }
+}
+
+/// The body of an exec request from command-line flags: `env` as `K=V` strings; with
+/// `read_stdin`, all of this process's stdin goes to the command.
+pub fn exec_body(
+    args: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+    tty: bool,
+    detachable: bool,
+    read_stdin: bool,
+) -> Result<Value, String> {
+    use base64::Engine as _;
+    let mut envs = serde_json::Map::new();
+    for kv in env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--env wants K=V, got {kv:?}"))?;
+        envs.insert(k.into(), v.into());
+    }
+    let mut body =
+        serde_json::json!({"args": args, "env": envs, "tty": tty, "detachable": detachable});
+    if let Some(d) = cwd {
+        body["cwd"] = serde_json::json!(d);
+    }
+    if read_stdin {
+        let mut data = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data);
+        body["stdin"] = serde_json::json!(base64::engine::general_purpose::STANDARD.encode(&data));
+    }
+    Ok(body)
 }

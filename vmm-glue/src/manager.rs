@@ -4,7 +4,7 @@
 //! One lifecycle operation runs at a time per sprite (`Sprite::op`); readers (get, list) never
 //! wait for it. Every step has a timeout and a failure ends in `error` with the reason.
 
-use crate::agent_client::{AgentConn, AgentError, EventStream};
+use crate::agent_client::{AgentConn, AgentError, EventStream, GuestError};
 use crate::image::{self, ImageRecord};
 use crate::proto::{ActivityInfo, Event, ExecSpec, Op};
 use crate::vm::{Launcher, Vm, VmSpec};
@@ -256,7 +256,10 @@ impl From<ClientError> for SpriteError {
 impl From<AgentError> for SpriteError {
     fn from(e: AgentError) -> Self {
         match e {
-            AgentError::Guest(m) => SpriteError::Invalid(m),
+            AgentError::Guest(g) if g.is(crate::proto::ERR_NOT_FOUND) => {
+                SpriteError::NotFound(g.message)
+            }
+            AgentError::Guest(g) => SpriteError::Invalid(g.message),
             other => SpriteError::Unavailable(format!("guest runtime: {other}")),
         }
     }
@@ -497,6 +500,7 @@ impl Manager {
             .unwrap_or_default();
         let object_store = status["object_store"].as_bool().unwrap_or(false);
         let mut sprites = HashMap::new();
+        let mut stale = Vec::new();
         if let Ok(rd) = std::fs::read_dir(sprites_dir(&cfg)) {
             for e in rd.flatten() {
                 if e.path().extension().is_none_or(|x| x != "json") {
@@ -523,6 +527,7 @@ impl Manager {
                         "manager restarted: the VM stopped with it",
                     );
                     rec.pause = Some(Pause::Cold);
+                    stale.push(rec.name.clone());
                 }
                 let name = rec.name.clone();
                 sprites.insert(name, Arc::new(new_sprite(rec)));
@@ -538,8 +543,11 @@ impl Manager {
             sprites: Mutex::new(sprites),
             wake_observer: std::sync::OnceLock::new(),
         });
-        for s in m.sprites.lock().values() {
-            m.persist(s);
+        // Only the records changed above need writing.
+        for name in stale {
+            if let Some(s) = m.sprites.lock().get(&name) {
+                m.persist(s);
+            }
         }
         Ok(m)
     }
@@ -937,7 +945,7 @@ impl Manager {
                 finished: false,
                 exited: false,
             }),
-            Ok(Some(Event::Error { message })) => Err(SpriteError::Invalid(message)),
+            Ok(Some(Event::Error { message, .. })) => Err(SpriteError::Invalid(message)),
             Ok(Some(other)) => Err(SpriteError::Internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -963,16 +971,29 @@ impl Manager {
 
     /// A request to the runtime that needs a running sprite (wakes it).
     pub async fn agent_call(self: &Arc<Self>, name: &str, op: Op) -> Result<serde_json::Value> {
+        self.agent_call_raw(name, op)
+            .await?
+            .map_err(|g| AgentError::Guest(g).into())
+    }
+
+    /// [`Manager::agent_call`] with the guest's own error apart (its `code` intact).
+    pub async fn agent_call_raw(
+        self: &Arc<Self>,
+        name: &str,
+        op: Op,
+    ) -> Result<std::result::Result<serde_json::Value, GuestError>> {
         let (s, r, _) = self.ensure_running(name, "request").await?;
         let _g = ActivityGuard::new(s);
         match r.agent.call(op, self.cfg.agent_timeout).await {
+            Ok(v) => Ok(Ok(v)),
+            Err(AgentError::Guest(g)) => Ok(Err(g)),
             Err(AgentError::Timeout(t)) => {
                 self.runtime_unresponsive(name, "request").await;
                 Err(SpriteError::Unavailable(format!(
                     "the guest runtime did not answer within {t:?}"
                 )))
             }
-            other => other.map_err(Into::into),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -67,6 +67,11 @@ pub struct ExecSpec {
     pub detachable: bool,
 }
 
+/// Error code: the path or session does not exist.
+pub const ERR_NOT_FOUND: &str = "not_found";
+/// Error code: a file operation met a directory.
+pub const ERR_IS_DIRECTORY: &str = "is_directory";
+
 /// Output a detachable session keeps for its next attachment.
 pub const SCROLLBACK: usize = 256 << 10;
 
@@ -175,6 +180,10 @@ pub enum Event {
     },
     Error {
         message: String,
+        /// What kind of failure, where callers act on it: [`ERR_NOT_FOUND`],
+        /// [`ERR_IS_DIRECTORY`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
     Started {
         session: String,

@@ -153,7 +153,7 @@ async fn handle(m: Arc<Manager>, authorize: Authorize, req: Request<Incoming>) -
         };
         match tokio::time::timeout(m.config().agent_timeout, ev.next()).await {
             Ok(Some(Event::Ok { .. })) => break (ev.id, ev),
-            Ok(Some(Event::Error { message })) => {
+            Ok(Some(Event::Error { message, .. })) => {
                 if tokio::time::Instant::now() >= deadline {
                     return text(
                         StatusCode::BAD_GATEWAY,

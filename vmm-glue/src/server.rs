@@ -1,6 +1,7 @@
 //! `sprited`'s control API: HTTP/JSON on a unix socket (docs/sprites.md lists every
 //! endpoint). Command output streams as NDJSON.
 
+use crate::agent_client::{AgentError, GuestError};
 use crate::manager::{Manager, Pause, SettingsPatch, SpriteError};
 use crate::proto::{Event, ExecSpec, Op};
 use axum::Router;
@@ -224,7 +225,7 @@ fn event_line(ev: &Event) -> Bytes {
             json!({"event": "output", "stream": stream, "data": b64(data)})
         }
         Event::Exit { code, signal } => json!({"event": "exit", "code": code, "signal": signal}),
-        Event::Error { message } => json!({"event": "error", "message": message}),
+        Event::Error { message, .. } => json!({"event": "error", "message": message}),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
     };
     let mut s = v.to_string();
@@ -250,6 +251,7 @@ pub fn stream_handle(h: crate::manager::ExecHandle, first: Option<Bytes>) -> Res
                 if h.finished_without_exit() {
                     let l = event_line(&Event::Error {
                         message: "the sprite's VM went away".into(),
+                        code: None,
                     });
                     return Some((Ok(l), (h, None, true)));
                 }
@@ -315,17 +317,7 @@ async fn attach(
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     // Fail fast on an unknown session (the agent would only say so in the stream).
-    let list = a.m.agent_call(&name, Op::Sessions).await?;
-    let known = list
-        .as_array()
-        .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()));
-    if !known {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no session {id:?} in {name}"),
-        ));
-    }
+    find_session(&a.m, &name, &id).await?;
     let h = a.m.attach(&name, &id).await?;
     Ok(stream_handle(h, None))
 }
@@ -336,33 +328,9 @@ async fn stdin(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let list = a.m.agent_call(&name, Op::Sessions).await?;
-    if !list
-        .as_array()
-        .is_some_and(|l| l.iter().any(|s| s["id"] == id.as_str()))
-    {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no session {id:?} in {name}"),
-        ));
-    }
-    let (_g, agent) = a.m.hold(&name, "stdin").await?;
-    for chunk in body.chunks(crate::proto::MAX_CHUNK) {
-        agent
-            .notify(Op::Stdin {
-                session: id.clone(),
-                data: chunk.to_vec(),
-            })
-            .map_err(SpriteError::from)?;
-    }
-    if q.get("close").is_some_and(|v| v == "true" || v == "1") {
-        agent
-            .notify(Op::CloseStdin {
-                session: id.clone(),
-            })
-            .map_err(SpriteError::from)?;
-    }
+    find_session(&a.m, &name, &id).await?;
+    let close = q.get("close").is_some_and(|v| v == "true" || v == "1");
+    send_stdin(&a.m, &name, &id, &body, close).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -384,13 +352,7 @@ async fn kill_session(
             signal,
         },
     )
-    .await
-    .map_err(|e| match e {
-        SpriteError::Invalid(m) if m.starts_with("no session") => {
-            ApiError(StatusCode::NOT_FOUND, "not_found", m)
-        }
-        other => other.into(),
-    })?;
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -442,12 +404,90 @@ async fn download(
     Ok(([("content-type", "application/octet-stream")], out).into_response())
 }
 
+/// Writes `data` to a session's stdin (in `MAX_CHUNK` pieces), then closes it if asked. The
+/// sprite counts as active meanwhile.
+pub async fn send_stdin(
+    m: &Arc<Manager>,
+    name: &str,
+    id: &str,
+    data: &[u8],
+    close: bool,
+) -> Result<(), SpriteError> {
+    let (_guard, agent) = m.hold(name, "stdin").await?;
+    for chunk in data.chunks(crate::proto::MAX_CHUNK) {
+        agent.notify(Op::Stdin {
+            session: id.to_string(),
+            data: chunk.to_vec(),
+        })?;
+    }
+    if close {
+        agent.notify(Op::CloseStdin {
+            session: id.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// A session's entry in the runtime's list (`NotFound` when there is none).
+pub async fn find_session(
+    m: &Arc<Manager>,
+    name: &str,
+    id: &str,
+) -> Result<serde_json::Value, SpriteError> {
+    let list = m.agent_call(name, Op::Sessions).await?;
+    list.as_array()
+        .and_then(|l| l.iter().find(|s| s["id"] == id))
+        .cloned()
+        .ok_or_else(|| SpriteError::NotFound(format!("no session {id:?}")))
+}
+
 /// A whole file from the sprite (`NotFound` when it does not exist).
 pub async fn read_file(m: &Arc<Manager>, name: &str, path: &str) -> Result<Vec<u8>, SpriteError> {
+    read_chunks(m, name, path)
+        .await?
+        .map_err(|g| AgentError::Guest(g).into())
+}
+
+/// What a path holds: a file's bytes, or a directory's entries.
+#[derive(Debug)]
+pub enum PathContent {
+    File(Vec<u8>),
+    Dir(serde_json::Value),
+}
+
+/// A file's bytes, or the listing when the path is a directory.
+pub async fn read_path(
+    m: &Arc<Manager>,
+    name: &str,
+    path: &str,
+) -> Result<PathContent, SpriteError> {
+    match read_chunks(m, name, path).await? {
+        Ok(data) => Ok(PathContent::File(data)),
+        Err(g) if g.is(crate::proto::ERR_IS_DIRECTORY) => {
+            let entries = m
+                .agent_call(
+                    name,
+                    Op::ListDir {
+                        path: path.to_string(),
+                    },
+                )
+                .await?;
+            Ok(PathContent::Dir(entries))
+        }
+        Err(g) => Err(AgentError::Guest(g).into()),
+    }
+}
+
+/// Reads a file in `MAX_CHUNK` pieces; the guest's error (with its code) stays apart.
+async fn read_chunks(
+    m: &Arc<Manager>,
+    name: &str,
+    path: &str,
+) -> Result<Result<Vec<u8>, GuestError>, SpriteError> {
     let mut out = Vec::new();
     loop {
-        let v = m
-            .agent_call(
+        let v = match m
+            .agent_call_raw(
                 name,
                 Op::ReadFile {
                     path: path.to_string(),
@@ -455,8 +495,11 @@ pub async fn read_file(m: &Arc<Manager>, name: &str, path: &str) -> Result<Vec<u
                     len: crate::proto::MAX_CHUNK as u64,
                 },
             )
-            .await
-            .map_err(not_found_if_missing)?;
+            .await?
+        {
+            Ok(v) => v,
+            Err(g) => return Ok(Err(g)),
+        };
         let data = base64::engine::general_purpose::STANDARD
             .decode(v["data"].as_str().unwrap_or("").as_bytes())
             .map_err(|e| SpriteError::Internal(e.to_string()))?;
@@ -470,14 +513,7 @@ pub async fn read_file(m: &Arc<Manager>, name: &str, path: &str) -> Result<Vec<u
             ));
         }
     }
-    Ok(out)
-}
-
-fn not_found_if_missing(e: SpriteError) -> SpriteError {
-    match e {
-        SpriteError::Invalid(m) if m.contains("No such file") => SpriteError::NotFound(m),
-        other => other,
-    }
+    Ok(Ok(out))
 }
 
 async fn upload(
@@ -535,10 +571,7 @@ async fn ls(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let path = path_param(&q)?;
-    let v =
-        a.m.agent_call(&name, Op::ListDir { path })
-            .await
-            .map_err(not_found_if_missing)?;
+    let v = a.m.agent_call(&name, Op::ListDir { path }).await?;
     Ok(axum::Json(json!({"entries": v})).into_response())
 }
 

@@ -107,7 +107,7 @@ async fn exec_streams_output_stdin_and_exit_status() {
         }))
         .unwrap();
     assert!(
-        matches!(ev.next().await, Some(Event::Error { message }) if message.contains("/no/such/prog"))
+        matches!(ev.next().await, Some(Event::Error { message, .. }) if message.contains("/no/such/prog"))
     );
     let e = a.call(Op::Exec(ExecSpec::default()), T).await.unwrap_err();
     assert!(matches!(e, AgentError::Guest(m) if m.contains("empty")));

@@ -379,23 +379,17 @@ async fn command(cli: &Cli, c: &Client, cfg: &mut Value) -> Result<i32, SdkError
             args,
         } => {
             let n = current(cli, cfg)?;
-            let mut envs = serde_json::Map::new();
-            for kv in env {
-                let Some((k, v)) = kv.split_once('=') else {
-                    return Ok(fail(&format!("--env wants K=V, got {kv:?}"), 2));
-                };
-                envs.insert(k.into(), v.into());
-            }
-            let mut body = json!({"args": args, "env": envs, "tty": tty, "detachable": detachable});
-            if let Some(d) = cwd {
-                body["cwd"] = json!(d);
-            }
-            if *stdin {
-                use base64::Engine as _;
-                let mut data = Vec::new();
-                let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data);
-                body["stdin"] = json!(base64::engine::general_purpose::STANDARD.encode(&data));
-            }
+            let body = match vmm_glue::client::exec_body(
+                args,
+                env,
+                cwd.as_deref(),
+                *tty,
+                *detachable,
+                *stdin,
+            ) {
+                Ok(b) => b,
+                Err(e) => return Ok(fail(&e, 2)),
+            };
             return follow(c.exec(&n, body, print_event(cli.json, *detachable)).await);
         }
         Cmd::Sessions => {

@@ -387,23 +387,20 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
             cwd,
             args,
         } => {
-            let mut envs = serde_json::Map::new();
-            for kv in env {
-                let Some((k, v)) = kv.split_once('=') else {
-                    eprintln!("sprited: --env wants K=V, got {kv:?}");
+            let body = match vmm_glue::client::exec_body(
+                args,
+                env,
+                cwd.as_deref(),
+                *tty,
+                *detachable,
+                *stdin,
+            ) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("sprited: {e}");
                     return Ok(2);
-                };
-                envs.insert(k.into(), v.into());
-            }
-            let mut body = json!({"args": args, "env": envs, "tty": tty, "detachable": detachable});
-            if let Some(d) = cwd {
-                body["cwd"] = json!(d);
-            }
-            if *stdin {
-                let mut data = Vec::new();
-                let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut data);
-                body["stdin"] = json!(base64::engine::general_purpose::STANDARD.encode(&data));
-            }
+                }
+            };
             return follow(
                 c,
                 "POST",
