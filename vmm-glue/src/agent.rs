@@ -6,6 +6,7 @@
 //! request; [`Agent::spawn_session`] starts a process whose output goes to whoever is
 //! attached; [`Agent::send`] emits an event.
 
+use crate::manager::now_ms;
 use crate::proto::{
     self, ActivityInfo, DirEntry, Event, ExecSpec, Op, Reply, Request, SCROLLBACK, SessionInfo,
     Stream,
@@ -19,7 +20,6 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use crate::manager::now_ms;
 use std::time::{Duration, Instant};
 
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -70,7 +70,6 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent").field("root", &self.root).finish()
     }
 }
-
 
 fn ok(value: serde_json::Value) -> Event {
     Event::Ok { value }
