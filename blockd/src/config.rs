@@ -347,6 +347,10 @@ impl Config {
             .open()
             .map_err(|e| format!("object_store: {e}"))?
             .ok_or_else(|| "object_store.url is empty".to_string())?;
+        let remote = match std::env::var(TEST_FAULTS_ENV) {
+            Ok(spec) if !spec.trim().is_empty() => with_test_faults(remote, &spec)?,
+            _ => remote,
+        };
         Ok(Some(crate::objects::RemoteSetup {
             remote,
             tier: chunkstore::tier::TierConfig {
@@ -372,6 +376,31 @@ impl Config {
         e.max_read_depth = self.storage.max_read_depth;
         Ok(e)
     }
+}
+
+/// Environment variable that makes the daemon's object store inject faults: for fault-soak
+/// tests only (docs/reliability.md), never in production. Its value is a fault
+/// specification, see [`chunkstore::remote::FaultSettings::parse_spec`], e.g.
+/// `error=0.05,latency_ms=2,jitter_ms=20,lost_ack=0.05,corrupt=0.02`.
+pub const TEST_FAULTS_ENV: &str = "BLOCKD_TEST_FAULTS";
+
+/// Wraps the store in a [`chunkstore::remote::FaultyStore`] configured by `spec`. The faults
+/// sit below the request metrics, so `chunkstore_object_request_errors_total` counts them.
+fn with_test_faults(
+    remote: chunkstore::remote::Remote,
+    spec: &str,
+) -> Result<chunkstore::remote::Remote, String> {
+    use chunkstore::remote::{FaultConfig, FaultSettings, FaultyStore};
+    let (settings, seed) =
+        FaultSettings::parse_spec(spec).map_err(|e| format!("{TEST_FAULTS_ENV}: {e}"))?;
+    let faults = match seed {
+        Some(seed) => FaultConfig::seeded(settings, seed),
+        None => FaultConfig::new(settings),
+    };
+    tracing::warn!(
+        "{TEST_FAULTS_ENV} is set: the object store injects faults ({spec}); for testing only"
+    );
+    Ok(remote.wrap(|store| std::sync::Arc::new(FaultyStore::new(store, faults))))
 }
 
 #[cfg(test)]

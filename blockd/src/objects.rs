@@ -652,6 +652,9 @@ impl Engine {
             EngineError::Internal("injected failure at blockd::sync::before_manifest".into())
         ));
         o.write_manifest(name, generation, body).await?;
+        fail::fail_point!("blockd::sync::after_manifest", |_| Err(
+            EngineError::Internal("injected failure at blockd::sync::after_manifest".into())
+        ));
         let took = t0.elapsed();
         self.core.metrics.observe_admin("volume_sync", took);
         Ok(SyncReport {
@@ -739,6 +742,9 @@ impl Engine {
             nentries += page.entries.len();
             entries.entry(tid).or_default().extend(page.entries);
         }
+        fail::fail_point!("blockd::import::before_install", |_| Err(
+            EngineError::Internal("injected failure at blockd::import::before_install".into())
+        ));
         let mut take = |t: TimelineId| Ok(entries.remove(&t.0).unwrap_or_default());
         self.core
             .snap

@@ -348,7 +348,13 @@ impl LocalStore {
         let mut dirty = 0;
         for seg in self.segments() {
             match tier.meta().seg(seg.id)? {
-                Some(_) => *seg.resident.lock() = Some(seg.scan_residency()),
+                Some(rec) => {
+                    // Evicted frames are holes, so the file's data end (what `open_existing`
+                    // measured) falls short of the segment when its tail was evicted, or is
+                    // 0 when all of it was: the upload record knows how long it is.
+                    seg.used_blocks.fetch_max(rec.blocks, Ordering::AcqRel);
+                    *seg.resident.lock() = Some(seg.scan_residency());
+                }
                 None => dirty += seg.used_blocks.load(Ordering::Acquire) as u64 * BLOCK_SIZE as u64,
             }
         }

@@ -159,6 +159,53 @@ pub struct FaultSettings {
     pub lost_ack_rate: f64,
 }
 
+impl FaultSettings {
+    /// Parses a fault specification, as `blockd serve` reads it from `BLOCKD_TEST_FAULTS`
+    /// (for fault-soak tests only): comma-separated `key=value` pairs, every key optional:
+    /// `error` (rate of failed requests, all kinds), `permanent` (`true`: those errors are
+    /// permanent), `timeout` (rate) and `timeout_ms`, `latency_ms` and `jitter_ms`,
+    /// `corrupt` (rate of corrupted reads) and `corrupt_bits`, `lost_ack` (rate of puts
+    /// applied but reported failed), `seed` (reproducible decisions). Returns the settings
+    /// and the seed, if given.
+    pub fn parse_spec(spec: &str) -> std::result::Result<(FaultSettings, Option<u64>), String> {
+        let mut s = FaultSettings::default();
+        let mut seed = None;
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| format!("fault spec item {item:?} is not key=value"))?;
+            let rate = || -> std::result::Result<f64, String> {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| format!("fault spec {k}: {v:?} is not a rate in 0..=1"))
+            };
+            let int = || -> std::result::Result<u64, String> {
+                v.parse::<u64>()
+                    .map_err(|_| format!("fault spec {k}: {v:?} is not an integer"))
+            };
+            match k.trim() {
+                "error" => s.error_rate = OpRates::all(rate()?),
+                "permanent" => {
+                    s.permanent_errors = v
+                        .parse()
+                        .map_err(|_| format!("fault spec permanent: {v:?} is not true/false"))?
+                }
+                "timeout" => s.timeout_rate = OpRates::all(rate()?),
+                "timeout_ms" => s.timeout = Duration::from_millis(int()?),
+                "latency_ms" => s.latency = Duration::from_millis(int()?),
+                "jitter_ms" => s.jitter = Duration::from_millis(int()?),
+                "corrupt" => s.corrupt_rate = rate()?,
+                "corrupt_bits" => s.corrupt_bits = int()? as u32,
+                "lost_ack" => s.lost_ack_rate = rate()?,
+                "seed" => seed = Some(int()?),
+                other => return Err(format!("fault spec: unknown key {other:?}")),
+            }
+        }
+        Ok((s, seed))
+    }
+}
+
 /// Counts of what was injected, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultStats {
@@ -580,6 +627,29 @@ impl MultipartUpload for FaultyUpload {
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
+
+    #[test]
+    fn fault_specs_parse() {
+        let (s, seed) =
+            FaultSettings::parse_spec("error=0.05, latency_ms=2,jitter_ms=3,lost_ack=0.1,corrupt=0.02,corrupt_bits=3,timeout=0.01,timeout_ms=50,seed=7").unwrap();
+        assert_eq!(s.error_rate, OpRates::all(0.05));
+        assert_eq!(s.latency, Duration::from_millis(2));
+        assert_eq!(s.jitter, Duration::from_millis(3));
+        assert_eq!(s.lost_ack_rate, 0.1);
+        assert_eq!(s.corrupt_rate, 0.02);
+        assert_eq!(s.corrupt_bits, 3);
+        assert_eq!(s.timeout_rate, OpRates::all(0.01));
+        assert_eq!(s.timeout, Duration::from_millis(50));
+        assert!(!s.permanent_errors);
+        assert_eq!(seed, Some(7));
+        assert_eq!(
+            FaultSettings::parse_spec("").unwrap().0,
+            FaultSettings::default()
+        );
+        for bad in ["error=2", "bogus=1", "error", "seed=-1", "permanent=maybe"] {
+            assert!(FaultSettings::parse_spec(bad).is_err(), "{bad}");
+        }
+    }
 
     use object_store::memory::InMemory;
     use object_store::{ObjectStoreExt, PutMode};

@@ -343,6 +343,9 @@ impl Tier {
             blocks: used,
             object_bytes,
         };
+        fail::fail_point!("chunkstore::upload::before_record", |_| Err(
+            Error::Injected("chunkstore::upload::before_record")
+        ));
         self.meta.record_upload(seg.id, &rec, &recorded)?;
         // The local file holds everything: all frames resident.
         *seg.resident.lock() = Some(crate::segment::all_frames(used));
@@ -457,8 +460,13 @@ impl Tier {
             let Some(bits) = r.as_ref() else {
                 return Ok(()); // authoritative local file
             };
+            // A frame past the bitmap is missing (the fetch then fails cleanly if the
+            // chunk has no such frame) rather than a panic.
             (f0..f1)
-                .filter(|f| bits[(f / 64) as usize] & (1 << (f % 64)) == 0)
+                .filter(|f| {
+                    bits.get((f / 64) as usize)
+                        .is_none_or(|w| w & (1 << (f % 64)) == 0)
+                })
                 .collect()
         };
         if missing.is_empty() {
@@ -603,6 +611,9 @@ impl Tier {
                 Err(e) => return Err(e),
             }
         };
+        fail::fail_point!("chunkstore::fetch::before_fill", |_| Err(Error::Injected(
+            "chunkstore::fetch::before_fill"
+        )));
         let buf = Arc::new(AlignedBuf::from_slice(&raw));
         let file_block = run[0] * FRAME_BLOCKS;
         local
@@ -619,7 +630,9 @@ impl Tier {
         let mut r = seg.resident.lock();
         if let Some(bits) = r.as_mut() {
             for f in run {
-                bits[(f / 64) as usize] |= 1 << (f % 64);
+                if let Some(w) = bits.get_mut((f / 64) as usize) {
+                    *w |= 1 << (f % 64);
+                }
             }
         }
         Ok(())
@@ -681,6 +694,9 @@ impl Tier {
                 if total <= self.cfg.cache_bytes {
                     break 'outer;
                 }
+                fail::fail_point!("chunkstore::evict", |_| Err(Error::Injected(
+                    "chunkstore::evict"
+                )));
                 if !local.evict_frames(&seg, k * per_chunk, per_chunk) {
                     continue 'outer; // being read: try the next segment
                 }
@@ -728,11 +744,17 @@ impl Tier {
                 }
             }
             let key = self.chunk_key(&hash);
+            fail::fail_point!("chunkstore::gc::before_delete", |_| Err(Error::Injected(
+                "chunkstore::gc::before_delete"
+            )));
             match self.retry("delete chunk", || self.store.delete(&key)).await {
                 Ok(()) => {}
                 Err(Error::ObjectNotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+            fail::fail_point!("chunkstore::gc::after_delete", |_| Err(Error::Injected(
+                "chunkstore::gc::after_delete"
+            )));
             self.meta.deleted(&hash)?;
             self.stats.deleted_objects.fetch_add(1, Ordering::Relaxed);
             n += 1;
