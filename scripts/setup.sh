@@ -30,7 +30,7 @@ APT_OPTS=(-o "Dir::Etc::sourcelist=$APT_LIST" -o "Dir::Etc::sourceparts=-" -o "A
 need_pkgs=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 for p in clang libclang-dev fio nbdkit libnbd-bin busybox-static e2fsprogs util-linux cpio \
-         kmod linux-image-amd64 python3-venv; do
+         kmod linux-image-amd64 python3-venv curl; do
   have "$p" || need_pkgs+=("$p")
 done
 need_qemu=0

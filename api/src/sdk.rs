@@ -395,6 +395,33 @@ impl Client {
         Ok(status)
     }
 
+    /// A request to the sprite's services (`sprite services ...`): `on` gets the response
+    /// body as it arrives (one JSON document, or NDJSON events while a service starts).
+    pub async fn services(
+        &self,
+        name: &str,
+        req: &vmm_glue::mgmt::ApiRequest,
+        on: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
+        let b = req
+            .body
+            .as_ref()
+            .map(|v| Bytes::from(v.to_string()))
+            .unwrap_or_default();
+        let path = format!("/v1/sprites/{name}/services{}", req.path);
+        let mut body = self
+            .send(req.method, &path, "application/json", b)
+            .await?
+            .into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| SdkError::Protocol(e.to_string()))?;
+            if let Some(d) = frame.data_ref() {
+                on(d);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs a command to its end and collects its output.
     pub async fn exec_collect(&self, name: &str, args: &[&str]) -> Result<ExecOutput> {
         let mut out = ExecOutput::default();

@@ -9,7 +9,7 @@ use crate::metrics::ApiMetrics;
 use crate::store::{ControlPlane, SpriteRow, StoreError, UsageSample};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use vmm_glue::manager::{Manager, Pause, SettingsPatch, SpriteError};
-use vmm_glue::server::{ExecRequest, PathContent};
+use vmm_glue::server::{ExecRequest, PathContent, services_response};
 
 /// Largest JSON body.
 pub const MAX_JSON: usize = 1 << 20;
@@ -422,6 +422,56 @@ pub fn routes() -> Vec<(RouteDoc, MethodRouter<App>)> {
             (200, NDJSON),
             E_STATE,
             post(exec)
+        ),
+        r!(
+            "get",
+            "/v1/sprites/{name}/services",
+            "Services of the sprite with their state (docs/services.md)",
+            "org",
+            None,
+            (200, JSON),
+            E_STATE,
+            get(services_list)
+        ),
+        r!(
+            "get",
+            "/v1/sprites/{name}/services/{service}",
+            "A service: definition and state (status, pid, started_at, restart_count)",
+            "org",
+            None,
+            (200, JSON),
+            E_STATE,
+            get(service_get)
+        ),
+        r!(
+            "put",
+            "/v1/sprites/{name}/services/{service}",
+            "Create or replace a service and start it; streams NDJSON events for ?duration= (default 5s, 0 = none)",
+            "org",
+            Some(schema::<vmm_glue::services::ServiceDef>),
+            (201, NDJSON),
+            E_STATE,
+            put(service_put)
+        ),
+        r!(
+            "delete",
+            "/v1/sprites/{name}/services/{service}",
+            "Stop and remove a service (its log stays)",
+            "org",
+            None,
+            (204, JSON),
+            E_STATE,
+            delete(service_delete)
+        ),
+        r!(
+            "post",
+            "/v1/sprites/{name}/services/{service}/{action}",
+            "start | stop | restart (stream for ?duration=) | signal ({\"signal\": \"TERM\"})",
+            "org",
+            None,
+            (200, JSON),
+            E_STATE,
+            post(service_action)
         ),
         r!(
             "get",
@@ -882,6 +932,59 @@ async fn exec(
         ));
     }
     Ok(vmm_glue::server::exec_response(&a.m, &internal, req).await?)
+}
+
+async fn services_list(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    Ok(services_response(&a.m, &internal, "GET", "", None, &Bytes::new()).await?)
+}
+
+async fn service_get(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path((name, svc)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    let rest = format!("/{svc}");
+    Ok(services_response(&a.m, &internal, "GET", &rest, None, &Bytes::new()).await?)
+}
+
+async fn service_put(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path((name, svc)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    let rest = format!("/{svc}");
+    Ok(services_response(&a.m, &internal, "PUT", &rest, q.as_deref(), &body).await?)
+}
+
+async fn service_delete(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path((name, svc)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    let rest = format!("/{svc}");
+    Ok(services_response(&a.m, &internal, "DELETE", &rest, None, &Bytes::new()).await?)
+}
+
+async fn service_action(
+    State(a): State<App>,
+    h: HeaderMap,
+    Path((name, svc, action)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (_, internal) = sprite_of(&a, &h, &name)?;
+    let rest = format!("/{svc}/{action}");
+    Ok(services_response(&a.m, &internal, "POST", &rest, q.as_deref(), &body).await?)
 }
 
 async fn sessions(

@@ -685,6 +685,306 @@ fn api_cli_isolation_and_control_plane_recovery() {
 /// every operation except `POST /v1/sprites` (each create boots a VM, ~6 s under TCG), with
 /// an organization's token. No sprite matches its random names, so sprite operations exercise
 /// auth, body and parameter parsing, validation and not-found paths. No 5xx may appear.
+/// The state of a service, from outside (`sprite --json services get`).
+fn service_state(cli: &Cli, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&cli.ok(&["--json", "services", "get", name])).unwrap();
+    v["state"].clone()
+}
+
+fn wait_service(cli: &Cli, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = service_state(cli, name);
+        if f(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{name}: {what}; last state {st}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The sprite's state without waking it.
+fn sprite_state(p: u16, token: &str, name: &str) -> (String, String) {
+    let (_, v) = jhttp(
+        p,
+        "GET",
+        &format!("/v1/sprites/{name}"),
+        Some(token),
+        Value::Null,
+    );
+    (
+        v["state"].as_str().unwrap_or("").to_string(),
+        v["pause"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn services_and_tasks_in_a_sprite() {
+    let _lock = tests::guest_lock(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest"));
+    let dir = tempfile::tempdir().unwrap();
+    let blockd = Daemon::start(&dir.path().join("blockd"));
+    let api = Api::start(
+        &dir.path().join("api"),
+        &dir.path().join("vmm"),
+        &dir.path().join("control"),
+        &blockd,
+    );
+    let p = api.port;
+    let (_, org) = jhttp(p, "POST", "/v1/orgs", Some(ADMIN), json!({"name": "acme"}));
+    let token = org["token"].as_str().unwrap().to_string();
+    let cli = Cli {
+        config: dir.path().join("cli.json"),
+    };
+    cli.ok(&[
+        "login",
+        "--url",
+        &format!("http://127.0.0.1:{p}"),
+        "--token",
+        &token,
+    ]);
+    cli.ok(&["create", "svc"]);
+    cli.ok(&["url", "--auth", "public"]);
+    let sh = |line: &str| cli.ok(&["exec", "--", "sh", "-c", line]);
+
+    // Inside: sprite-env creates services over /.sprite/api.sock.
+    sh("mkdir -p /www && echo served-by-service > /www/index.html");
+    sh(
+        "sprite-env services create web --cmd httpd --args -f,-p,3000,-h,/www --http-port 3000 --no-stream",
+    );
+    let o = cli.run(&[
+        "exec",
+        "--",
+        "sprite-env",
+        "services",
+        "create",
+        "web2",
+        "--cmd",
+        "httpd",
+        "--args",
+        "-f,-p,3001",
+        "--http-port",
+        "3001",
+        "--no-stream",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a second http port: {}",
+        text(&o.stdout)
+    );
+    assert!(text(&o.stderr).contains("409"), "{}", text(&o.stderr));
+    // A bad --cmd: the creation stream shows its exit.
+    let stream = sh("sprite-env services create bad --cmd /no/such/program --duration 2s");
+    let events: Vec<Value> = stream
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not NDJSON: {stream}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "exit" && e["timestamp"].is_u64()),
+        "{stream}"
+    );
+    assert_eq!(events.last().unwrap()["type"], "complete", "{stream}");
+    assert!(
+        events.last().unwrap()["log_files"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("/.sprite/logs/services/bad.log")
+    );
+    cli.ok(&["services", "delete", "bad"]);
+    // Dependencies, a crashing service, a service killed by a signal, one stopped on purpose.
+    sh(
+        "sprite-env services create first --cmd sh --args '-c,echo first >> /root/order; exec sleep 100000' --no-stream",
+    );
+    sh(
+        "sprite-env services create second --cmd sh --args '-c,sleep 1; echo second >> /root/order; exec sleep 100000' --needs first --no-stream",
+    );
+    sh("sprite-env services create crash --cmd sh --args '-c,echo dying; exit 1' --no-stream");
+    sh("sprite-env services create sticky --cmd sleep --args 100000 --no-stream");
+    // Outside: the same services through the API and the `sprite` CLI.
+    let (s, list) = jhttp(
+        p,
+        "GET",
+        "/v1/sprites/svc/services",
+        Some(&token),
+        Value::Null,
+    );
+    assert_eq!(s, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["crash", "first", "second", "sticky", "web"],
+        "{list}"
+    );
+    let crash = wait_service(&cli, "crash", "restarts with backoff", |st| {
+        st["restart_count"].as_u64() >= Some(2)
+    });
+    assert!(
+        crash["error"].as_str().unwrap_or("").contains("code 1"),
+        "{crash}"
+    );
+    let log = sh("cat /.sprite/logs/services/crash.log");
+    assert!(log.contains("[stdout] dying"), "{log}");
+    cli.ok(&["services", "stop", "crash"]);
+    let pid = service_state(&cli, "sticky")["pid"].as_u64().unwrap();
+    cli.ok(&["services", "signal", "sticky", "KILL"]);
+    let st = wait_service(&cli, "sticky", "restarted after SIGKILL", |st| {
+        st["restart_count"] == 1 && st["status"] == "running"
+    });
+    assert_ne!(st["pid"].as_u64().unwrap(), pid);
+    cli.ok(&["services", "stop", "sticky"]);
+    assert_eq!(service_state(&cli, "sticky")["status"], "stopped");
+    assert_eq!(
+        cli.run(&["services", "get", "nope"]).status.code(),
+        Some(3),
+        "an unknown service is not found"
+    );
+    let (s, _) = jhttp(
+        p,
+        "PUT",
+        "/v1/sprites/svc/services/x?duration=0",
+        Some(&token),
+        json!({"cmd": "true", "bogus": 1}),
+    );
+    assert_eq!(s, 400);
+
+    // Warm: the VM is paused with its processes; they resume, not restart.
+    let web = service_state(&cli, "web");
+    cli.ok(&["hibernate"]);
+    assert_eq!(
+        sprite_state(p, &token, "svc"),
+        ("hibernated".into(), "warm".into())
+    );
+    let web2 = service_state(&cli, "web"); // wakes it
+    assert_eq!(
+        (web2["pid"].clone(), web2["started_at"].clone()),
+        (web["pid"].clone(), web["started_at"].clone())
+    );
+    assert_eq!(service_state(&cli, "sticky")["status"], "stopped");
+
+    // Cold, with the HTTP service stopped: a request to the URL boots the sprite, the runtime
+    // starts the services (in `needs` order, not the stopped ones) and the proxy starts the
+    // HTTP service before forwarding.
+    cli.ok(&["services", "stop", "web"]);
+    cli.ok(&["hibernate", "--cold"]);
+    assert_eq!(
+        sprite_state(p, &token, "svc"),
+        ("hibernated".into(), "cold".into())
+    );
+    let (s, body) = http(api.proxy, "GET", "/s/acme--svc/", None, b"");
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body).to_string()),
+        (200, "served-by-service\n".to_string()),
+        "{}",
+        api.logs()
+    );
+    assert_eq!(service_state(&cli, "web")["status"], "running");
+    assert_eq!(service_state(&cli, "sticky")["status"], "stopped");
+    assert_eq!(service_state(&cli, "crash")["status"], "stopped");
+    let first = wait_service(&cli, "first", "runs after the boot", |st| {
+        st["status"] == "running"
+    });
+    let second = wait_service(&cli, "second", "runs after the boot", |st| {
+        st["status"] == "running"
+    });
+    assert!(
+        first["started_at"].as_str().unwrap() <= second["started_at"].as_str().unwrap(),
+        "{first} {second}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut order = sh("cat /root/order");
+    while order.lines().count() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        order = sh("cat /root/order");
+    }
+    assert_eq!(order, "first\nsecond\nfirst\nsecond\n");
+
+    // Tasks API inside: every status code (through `sprite-env curl`, the real curl).
+    let code = |args: &str| {
+        sh(&format!(
+            "sprite-env curl -o /dev/null -w '%{{http_code}}' {args}"
+        ))
+    };
+    assert_eq!(
+        code(r#"-X POST -d '{"name":"t1","expire":"30m"}' /v1/tasks"#),
+        "201"
+    );
+    assert_eq!(
+        code(r#"-X POST -d '{"name":"t1","expire":60}' /v1/tasks"#),
+        "409"
+    );
+    assert_eq!(
+        code(r#"-X POST -d '{"name":"t2","expire":"2h"}' /v1/tasks"#),
+        "400"
+    );
+    assert_eq!(code(r#"-X POST -d 'nope' /v1/tasks"#), "400");
+    assert_eq!(code(r#"-X PUT -d '{"expire":"10m"}' /v1/tasks/t2"#), "200");
+    assert_eq!(
+        code(r#"-X PUT -d '{"name":"t2","expire":30}' /v1/tasks"#),
+        "200"
+    );
+    assert_eq!(code("/v1/tasks/t2"), "200");
+    assert_eq!(code("/v1/tasks/t9"), "404");
+    assert_eq!(code("-X DELETE /v1/tasks/t2"), "204");
+    assert_eq!(code("-X DELETE /v1/tasks/t2"), "404");
+    let tasks: Value = serde_json::from_str(&sh("sprite-env curl /v1/tasks")).unwrap();
+    assert_eq!(tasks["tasks"][0]["name"], "t1", "{tasks}");
+    sh("sprite-env tasks delete t1");
+
+    // A task keeps the sprite up past its idle timeout; it pauses once the task expires.
+    let (s, _) = jhttp(
+        p,
+        "PUT",
+        "/v1/sprites/svc",
+        Some(&token),
+        json!({"settings": {"idle_warm_secs": 2}}),
+    );
+    assert_eq!(s, 200);
+    sh("sprite-env tasks create job --expire 12");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        sprite_state(p, &token, "svc").0,
+        "active",
+        "paused while a task was live"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sprite_state(p, &token, "svc").0 != "hibernated" {
+        assert!(
+            Instant::now() < deadline,
+            "did not pause after the task expired"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_secs(12),
+        "paused before the task expired"
+    );
+    // ... or once it is deleted.
+    sh("sprite-env tasks create job2 --expire 1h");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        sprite_state(p, &token, "svc").0,
+        "active",
+        "paused while a task was live"
+    );
+    sh("sprite-env tasks delete job2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sprite_state(p, &token, "svc").0 != "hibernated" {
+        assert!(
+            Instant::now() < deadline,
+            "did not pause after the task was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn schemathesis_finds_no_server_errors() {
     let st =

@@ -6,7 +6,8 @@
 #   initramfs.cpio.gz  busybox + the modules a sprite needs (virtio-pci, virtio-blk,
 #                      virtio-console, ext4); its /init mounts /dev/vda and switches root
 #   rootfs.ext4        the root filesystem (ext4, made with mkfs.ext4 -d): busybox, busybox
-#                      init, sprite-agent (with its shared libraries), /etc
+#                      init, sprite-agent and sprite-env (with their shared libraries),
+#                      curl when the host has it, /etc
 # Needs: busybox-static, kmod, e2fsprogs, cpio, gzip (scripts/setup.sh).
 set -euo pipefail
 out=$1
@@ -93,8 +94,16 @@ copy_with_libs() { # SRC DEST
   done
 }
 copy_with_libs "$agent" /usr/bin/sprite-agent
+# sprite-env (the management API's CLI) is built next to the agent.
+envbin="$(dirname "$agent")/sprite-env"
+[ -x "$envbin" ] || { echo "build-image: $envbin missing (cargo build -p vmm-glue)" >&2; exit 1; }
+copy_with_libs "$envbin" /usr/bin/sprite-env
+# curl for `sprite-env curl` (and for users), with its libraries, when the host has it.
+if command -v curl >/dev/null; then copy_with_libs "$(command -v curl)" /usr/bin/curl; fi
 # Debug builds carry ~50 MB of symbols the guest does not need.
-if command -v strip >/dev/null; then strip "$r/usr/bin/sprite-agent" 2>/dev/null || true; fi
+if command -v strip >/dev/null; then
+  strip "$r/usr/bin/sprite-agent" "$r/usr/bin/sprite-env" 2>/dev/null || true
+fi
 # /lib64 -> the loader path the agent was linked against.
 cat >"$r/etc/inittab" <<'TAB'
 ::sysinit:/etc/init.d/rcS

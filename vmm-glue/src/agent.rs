@@ -7,10 +7,12 @@
 //! attached; [`Agent::send`] emits an event.
 
 use crate::manager::now_ms;
+use crate::mgmt::Reply as ApiReply;
 use crate::proto::{
     self, ActivityInfo, DirEntry, Event, ExecSpec, Op, Reply, Request, SCROLLBACK, SessionInfo,
     Stream,
 };
+use crate::services::Runtime;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -63,6 +65,8 @@ pub struct Agent {
     freeze_epoch: AtomicU64,
     /// Filesystem that freeze/fstrim act on (`/` in a sprite).
     root: String,
+    /// Services and tasks (absent in host-side tests that do not ask for them).
+    runtime: std::sync::OnceLock<Arc<Runtime>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -114,7 +118,14 @@ impl Agent {
             frozen: Mutex::new(None),
             freeze_epoch: AtomicU64::new(0),
             root: root.to_string(),
+            runtime: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Attaches the services and tasks runtime ([`Op::Api`], [`Op::HttpTarget`], task
+    /// counts in [`Op::Activity`]).
+    pub fn set_runtime(&self, rt: Arc<Runtime>) {
+        let _ = self.runtime.set(rt);
     }
 
     /// Emits one event (dropped when the host is gone: the host resynchronises with
@@ -323,6 +334,25 @@ impl Agent {
                 }
                 return;
             }
+            Op::Api { method, path, body } => {
+                let Some(rt) = self.runtime.get().cloned() else {
+                    self.send(id, err("this runtime has no services API"));
+                    return;
+                };
+                let me = self.clone();
+                // Streams and stops take seconds: off the request loop.
+                std::thread::spawn(move || me.api(id, &rt, &method, &path, body.as_bytes()));
+                return;
+            }
+            Op::HttpTarget => {
+                let me = self.clone();
+                let rt = self.runtime.get().cloned();
+                std::thread::spawn(move || {
+                    let port = rt.and_then(|rt| rt.http_target());
+                    me.send(id, ok(serde_json::json!({ "port": port })));
+                });
+                return;
+            }
             Op::TcpClose { conn } => {
                 if let Some(s) = self.tcp.lock().remove(&conn) {
                     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -331,6 +361,38 @@ impl Agent {
             }
         };
         self.send(id, ev);
+    }
+
+    /// Answers [`Op::Api`] from the management API's router.
+    fn api(&self, id: u64, rt: &Arc<Runtime>, method: &str, path: &str, body: &[u8]) {
+        match crate::mgmt::route(rt, method, path, body) {
+            ApiReply::Json(status, v) => {
+                self.send(id, ok(serde_json::json!({"status": status, "body": v})))
+            }
+            ApiReply::NoContent => self.send(id, ok(serde_json::json!({"status": 204}))),
+            ApiReply::Stream(status, events) => {
+                self.send(
+                    id,
+                    ok(serde_json::json!({"status": status, "stream": true})),
+                );
+                for ev in events {
+                    self.send(
+                        id,
+                        Event::Output {
+                            stream: Stream::Stdout,
+                            data: format!("{ev}\n").into_bytes(),
+                        },
+                    );
+                }
+                self.send(
+                    id,
+                    Event::Exit {
+                        code: Some(0),
+                        signal: None,
+                    },
+                );
+            }
+        }
     }
 
     fn session(&self, id: &str) -> Option<Arc<Session>> {
@@ -371,6 +433,7 @@ impl Agent {
             running: running.len(),
             running_sessions: running.iter().filter(|s| s.detachable).count(),
             tcp_connections: self.tcp.lock().len(),
+            tasks: self.runtime.get().map_or(0, |rt| rt.live_task_count()),
             idle_ms: self.last_activity.lock().elapsed().as_millis() as u64,
         }
     }

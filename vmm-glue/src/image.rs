@@ -95,6 +95,13 @@ pub async fn build(
             agent_bin.display()
         );
     }
+    let env_bin = agent_bin.with_file_name("sprite-env");
+    if !env_bin.exists() {
+        bail!(
+            "sprite-env not found at {} (cargo build -p vmm-glue)",
+            env_bin.display()
+        );
+    }
     let t0 = Instant::now();
     let kver = host_kernel()?;
     let dir = images_dir.join(name);

@@ -347,6 +347,20 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// What the sprite's management API answered ([`Manager::runtime_api`]).
+#[derive(Debug)]
+pub enum RuntimeReply {
+    /// Status and JSON body (`Null` for 204).
+    Json(u16, serde_json::Value),
+    /// Status, then NDJSON lines as `output` events until `exit`; the guard keeps the sprite
+    /// awake while it streams.
+    Stream {
+        status: u16,
+        events: EventStream,
+        guard: ActivityGuard,
+    },
+}
+
 /// A command started in a sprite. Dropping it kills a non-detachable command.
 #[derive(Debug)]
 pub struct ExecHandle {
@@ -997,6 +1011,49 @@ impl Manager {
         }
     }
 
+    /// One request to the sprite's management API (services; [`crate::mgmt`]), waking it.
+    pub async fn runtime_api(
+        self: &Arc<Self>,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: String,
+    ) -> Result<RuntimeReply> {
+        let (s, r, _) = self.ensure_running(name, "services request").await?;
+        let guard = ActivityGuard::new(s);
+        let mut events = r.agent.open(Op::Api {
+            method: method.to_string(),
+            path: path.to_string(),
+            body,
+        })?;
+        // A stop waits up to 5 s for the process, needs up to 10 s: more than a plain call.
+        let wait = self.cfg.agent_timeout + Duration::from_secs(20);
+        match tokio::time::timeout(wait, events.next()).await {
+            Err(_) => Err(SpriteError::Unavailable(format!(
+                "the guest runtime did not answer within {wait:?}"
+            ))),
+            Ok(None) => Err(SpriteError::Unavailable(
+                "guest runtime connection closed".into(),
+            )),
+            Ok(Some(Event::Ok { value })) => {
+                let status = value["status"].as_u64().unwrap_or(500) as u16;
+                if value["stream"] == true {
+                    Ok(RuntimeReply::Stream {
+                        status,
+                        events,
+                        guard,
+                    })
+                } else {
+                    Ok(RuntimeReply::Json(status, value["body"].clone()))
+                }
+            }
+            Ok(Some(Event::Error { message, .. })) => Err(SpriteError::Unavailable(format!(
+                "the sprite's runtime cannot serve this (an older image?): {message}"
+            ))),
+            Ok(Some(other)) => Err(SpriteError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// The runtime stopped answering: the sprite goes to `error` (its VM is stopped; the
     /// disk keeps everything the guest flushed; the next request boots it again).
     async fn runtime_unresponsive(&self, name: &str, what: &str) {
@@ -1430,7 +1487,7 @@ impl Manager {
                     {
                         continue;
                     }
-                    // Ask the guest: running detachable sessions and open connections count.
+                    // Ask the guest: running detachable sessions, open connections and live tasks count.
                     let Some(r) = s.running() else { continue };
                     drop(op);
                     let me = self.clone();
@@ -1440,7 +1497,13 @@ impl Manager {
                         match act
                             .map(|v| serde_json::from_value::<ActivityInfo>(v).unwrap_or_default())
                         {
-                            Ok(a) if a.running_sessions > 0 || a.tcp_connections > 0 => s2.touch(),
+                            Ok(a)
+                                if a.running_sessions > 0
+                                    || a.tcp_connections > 0
+                                    || a.tasks > 0 =>
+                            {
+                                s2.touch()
+                            }
                             Ok(_) => {
                                 let reason = format!("idle for {}s", settings.idle_warm_secs);
                                 let _op = s2.op.lock().await;

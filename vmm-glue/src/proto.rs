@@ -155,6 +155,19 @@ pub enum Op {
     TcpClose {
         conn: u64,
     },
+    /// One request to the in-sprite management API ([`crate::mgmt`]): `path` is like
+    /// `/v1/services/web?duration=0`, `body` its JSON text. Reply `ok` with
+    /// `{status, body}`; a streaming answer is `ok` with `{status, stream: true}`, then one
+    /// `output` event per NDJSON line, then `exit`.
+    Api {
+        method: String,
+        path: String,
+        #[serde(default)]
+        body: String,
+    },
+    /// Where the sprite's URL goes: reply `ok` with `{port}`, the service with an
+    /// `http_port` (started first when it does not run), or `null` for the default port.
+    HttpTarget,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,6 +250,9 @@ pub struct ActivityInfo {
     /// Of those, detachable sessions.
     pub running_sessions: usize,
     pub tcp_connections: usize,
+    /// Live tasks (Tasks API): the sprite must not pause for idleness while any is.
+    #[serde(default)]
+    pub tasks: usize,
     /// Time since the last request that was not `activity`/`ping`.
     pub idle_ms: u64,
 }

@@ -130,7 +130,7 @@ async fn handle(m: Arc<Manager>, authorize: Authorize, req: Request<Incoming>) -
     if let Err((status, msg)) = authorize(&name, req.headers()) {
         return text(status, msg);
     }
-    let port = match m.view(&name) {
+    let default_port = match m.view(&name) {
         Ok(v) => v.record.settings.http_port,
         Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
     };
@@ -143,6 +143,16 @@ async fn handle(m: Arc<Manager>, authorize: Authorize, req: Request<Incoming>) -
                 format!("waking {name}: {e}"),
             );
         }
+    };
+    // A service with an HTTP port takes the URL (the runtime starts it when it does not
+    // run); otherwise the sprite's own port. An older runtime without services answers with
+    // an error: the default port then.
+    let port = match agent.call(Op::HttpTarget, m.config().agent_timeout).await {
+        Ok(v) => v["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(default_port),
+        Err(_) => default_port,
     };
     // Hold the request until the port answers (a cold boot starts the server late).
     let deadline = tokio::time::Instant::now() + m.config().boot_timeout;

@@ -6,7 +6,8 @@ use crate::manager::{Manager, Pause, SettingsPatch, SpriteError};
 use crate::proto::{Event, ExecSpec, Op};
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -72,6 +73,15 @@ pub fn router(m: Arc<Manager>) -> Router {
             get(describe).delete(destroy).put(update).patch(update),
         )
         .route("/v1/sprites/{name}/exec", post(exec))
+        .route("/v1/sprites/{name}/services", get(services_list))
+        .route(
+            "/v1/sprites/{name}/services/{svc}",
+            get(service_one).put(service_one).delete(service_one),
+        )
+        .route(
+            "/v1/sprites/{name}/services/{svc}/{action}",
+            post(service_action),
+        )
         .route("/v1/sprites/{name}/sessions", get(sessions))
         .route("/v1/sprites/{name}/sessions/{id}/attach", get(attach))
         .route("/v1/sprites/{name}/sessions/{id}/stdin", post(stdin))
@@ -216,6 +226,89 @@ pub struct ExecRequest {
     /// Base64 data written to the command's stdin (then closed, unless the command is
     /// detachable and `stdin` is absent).
     pub stdin: Option<String>,
+}
+
+/// Forwards a request to the sprite's management API (`/v1/services{rest}` inside it) and
+/// relays the answer: JSON with its status, or the NDJSON event stream.
+pub async fn services_response(
+    m: &Arc<Manager>,
+    name: &str,
+    method: &str,
+    rest: &str,
+    query: Option<&str>,
+    body: &Bytes,
+) -> Result<Response, SpriteError> {
+    if body.len() > crate::mgmt::MAX_BODY {
+        return Err(SpriteError::Invalid(format!(
+            "request body over {} bytes",
+            crate::mgmt::MAX_BODY
+        )));
+    }
+    let body = std::str::from_utf8(body)
+        .map_err(|_| SpriteError::Invalid("the body is not UTF-8 JSON".into()))?
+        .to_string();
+    let mut path = format!("/v1/services{rest}");
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    let status = |s: u16| StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok(match m.runtime_api(name, method, &path, body).await? {
+        crate::manager::RuntimeReply::Json(204, _) => StatusCode::NO_CONTENT.into_response(),
+        crate::manager::RuntimeReply::Json(s, v) => (status(s), axum::Json(v)).into_response(),
+        crate::manager::RuntimeReply::Stream {
+            status: s,
+            events,
+            guard,
+        } => {
+            let lines = futures::stream::unfold((events, guard), |(mut ev, guard)| async move {
+                match ev.next().await {
+                    Some(Event::Output { data, .. }) => {
+                        guard.touch();
+                        Some((
+                            Ok::<_, std::convert::Infallible>(Bytes::from(data)),
+                            (ev, guard),
+                        ))
+                    }
+                    _ => None,
+                }
+            });
+            Response::builder()
+                .status(status(s))
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(lines))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    })
+}
+
+async fn services_list(
+    State(a): State<App>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    Ok(services_response(&a.m, &name, "GET", "", q.as_deref(), &Bytes::new()).await?)
+}
+
+async fn service_one(
+    State(a): State<App>,
+    method: Method,
+    Path((name, svc)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let rest = format!("/{svc}");
+    Ok(services_response(&a.m, &name, method.as_str(), &rest, q.as_deref(), &body).await?)
+}
+
+async fn service_action(
+    State(a): State<App>,
+    Path((name, svc, action)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let rest = format!("/{svc}/{action}");
+    Ok(services_response(&a.m, &name, "POST", &rest, q.as_deref(), &body).await?)
 }
 
 fn event_line(ev: &Event) -> Bytes {

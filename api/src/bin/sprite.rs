@@ -96,6 +96,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         args: Vec<String>,
     },
+    /// Services of the current sprite (processes its runtime keeps running; docs/services.md).
+    #[command(subcommand)]
+    Services(vmm_glue::mgmt::ServicesCmd),
     /// Detachable sessions.
     Sessions,
     Attach {
@@ -391,6 +394,18 @@ async fn command(cli: &Cli, c: &Client, cfg: &mut Value) -> Result<i32, SdkError
                 Err(e) => return Ok(fail(&e, 2)),
             };
             return follow(c.exec(&n, body, print_event(cli.json, *detachable)).await);
+        }
+        Cmd::Services(cmd) => {
+            let n = current(cli, cfg)?;
+            let req = match cmd.request() {
+                Ok(r) => r,
+                Err(e) => return Ok(fail(&e, 2)),
+            };
+            let mut printer = vmm_glue::mgmt::BodyPrinter::default();
+            let mut stdout = std::io::stdout();
+            c.services(&n, &req, &mut |d| printer.feed(d, &mut stdout))
+                .await?;
+            printer.finish(cli.json, &mut stdout);
         }
         Cmd::Sessions => {
             let n = current(cli, cfg)?;

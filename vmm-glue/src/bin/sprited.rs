@@ -116,6 +116,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         args: Vec<String>,
     },
+    /// Services of a sprite (processes its runtime keeps running; docs/services.md).
+    Services {
+        name: String,
+        #[command(subcommand)]
+        cmd: vmm_glue::mgmt::ServicesCmd,
+    },
     /// Detachable sessions of a sprite.
     Sessions {
         name: String,
@@ -410,6 +416,34 @@ async fn client(cli: &Cli, c: &Client) -> Result<i32, ClientError> {
                 *detachable,
             )
             .await;
+        }
+        Cmd::Services { name, cmd } => {
+            let req = match cmd.request() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("sprited: {e}");
+                    return Ok(2);
+                }
+            };
+            let body = req
+                .body
+                .map(|v| bytes::Bytes::from(v.to_string()))
+                .unwrap_or_default();
+            let path = format!("{}/services{}", sp(name), req.path);
+            let mut resp = c.send(req.method, &path, body).await?.into_body();
+            let mut printer = vmm_glue::mgmt::BodyPrinter::default();
+            let mut stdout = std::io::stdout();
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut resp).await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            printer.feed(d, &mut stdout);
+                        }
+                    }
+                    Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                }
+            }
+            printer.finish(cli.json, &mut stdout);
         }
         Cmd::Sessions { name } => {
             let v = c
