@@ -720,9 +720,13 @@ impl Engine {
         // already has (its own volume, or one imported before, also as a clone source)
         // would give two volumes the same blocks, and releasing them in one (trim, delete)
         // would destroy them in the other.
+        // A chunk record no local block references is not such data: it is left by an
+        // import that crashed before installing the volume (chunk records and the volume's
+        // metadata live in two databases), and installing it again is safe (records that
+        // exist are kept, their object references are not counted twice).
         for (_, page) in &pages {
             for (c, _) in &page.chunks {
-                if o.tier.meta().chunk(*c)?.is_some() {
+                if o.tier.meta().chunk(*c)?.is_some() && self.core.snap.group_ref(*c) > 0 {
                     return Err(EngineError::Invalid(format!(
                         "this daemon already has data of volume {name:?} (it wrote the volume \
                          or imported it before, maybe as a clone source): import it on another \
