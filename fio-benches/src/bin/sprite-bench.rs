@@ -3,7 +3,9 @@
 //!
 //! Measures, per sample: create-to-first-exec, warm wake (to first exec), checkpoint of a
 //! running sprite, cold pause, cold wake (to first exec), restore-to-first-exec and
-//! fork-to-first-exec. Each is split into **storage** (blockd calls: clone, checkpoint,
+//! fork-to-first-exec, and for services (docs/services.md): creating an HTTP service through
+//! the API, and a cold wake by a request to the sprite's URL until that service answers
+//! (the runtime starts it at boot). Each is split into **storage** (blockd calls: clone, checkpoint,
 //! restore, flush/sync) and **VMM/guest** (QEMU start, boot to the runtime answering,
 //! freeze/thaw, pause/resume) as sprited reports them.
 //!
@@ -90,6 +92,23 @@ impl Samples {
     }
 }
 
+/// A plain HTTP GET through the proxy; returns the status.
+fn http_get(port: u16, path: &str) -> Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(180)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status in the proxy's answer")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -133,6 +152,9 @@ async fn main() -> Result<()> {
         .stderr(std::fs::File::create(work.path().join("blockd.log"))?);
     let _blockd = Proc(bc.spawn().context("starting blockd")?);
     wait_for(&bd.join("admin.sock"))?;
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut sc = Command::new(sibling("sprited")?);
     sc.arg("--data-dir")
         .arg(&vm)
@@ -141,7 +163,7 @@ async fn main() -> Result<()> {
         .arg(bd.join("admin.sock"))
         .args([
             "--proxy-addr",
-            "",
+            &format!("127.0.0.1:{proxy_port}"),
             "--idle-warm-secs",
             "0",
             "--min-mem-available-mib",
@@ -233,6 +255,32 @@ async fn main() -> Result<()> {
             .await?;
         exec_true(&c, &fork).await?;
         s.add("fork to first exec", ms(t0), &v["timings"]);
+        // Services: an HTTP service created through the API, then a cold wake by a request
+        // to the sprite's URL, answered by that service.
+        let t0 = Instant::now();
+        c.call(
+            "PUT",
+            &format!("{sp}/services/web?duration=0"),
+            Some(json!({"cmd": "httpd", "args": ["-f", "-p", "3000", "-h", "/etc"], "http_port": 3000})),
+        )
+        .await?;
+        s.add("service create (duration=0)", ms(t0), &Value::Null);
+        c.call(
+            "POST",
+            &format!("{sp}/hibernate"),
+            Some(json!({"mode": "cold"})),
+        )
+        .await?;
+        let t0 = Instant::now();
+        let status = http_get(proxy_port, &format!("/s/{name}/hostname"))?;
+        if status != 200 {
+            bail!("the service answered {status} after a cold wake");
+        }
+        s.add(
+            "cold wake by URL to the service's answer",
+            ms(t0),
+            &Value::Null,
+        );
         for n in [&name, &fork] {
             c.call("DELETE", &format!("/v1/sprites/{n}"), None).await?;
         }
