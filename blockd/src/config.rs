@@ -34,6 +34,9 @@ pub struct NbdConfig {
     /// Optional TCP listen address. Off by default; NBD has no authentication here and we
     /// do not offer TLS, so bind it to loopback or a private network only.
     pub tcp: Option<SocketAddr>,
+    /// NBD connections served at once per listener (default 1024); more wait in the
+    /// listen backlog until one closes.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -246,6 +249,9 @@ impl Config {
 
     /// Rejects values that cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.nbd.max_connections == Some(0) {
+            return Err("nbd.max_connections must be at least 1".into());
+        }
         let s = &self.storage;
         if s.segment_size < (1 << 20)
             || !s.segment_size.is_multiple_of(4096)

@@ -115,6 +115,11 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
+    // Everything the daemon creates is for its own user only: segment files, RocksDB's
+    // files, chunk objects of a `file://` store outside the data directory, the vhost
+    // directory, and sockets from the moment they are bound (before their chmod).
+    // SAFETY: umask(2) cannot fail; being process-wide is the point.
+    unsafe { libc::umask(0o077) };
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let engine = Engine::open(cfg.engine_config().map_err(anyhow::Error::msg)?)
         .context("opening the engine")?;
@@ -123,9 +128,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
-    let nbd = NbdServer::new(Arc::new(EngineExports {
-        engine: engine.clone(),
-    }));
+    let mut nbd_config = crate::nbd::ServerConfig::default();
+    if let Some(n) = cfg.nbd.max_connections {
+        nbd_config.max_connections = n;
+    }
+    let nbd = NbdServer::with_config(
+        Arc::new(EngineExports {
+            engine: engine.clone(),
+        }),
+        nbd_config,
+    );
     let nbd_path = cfg.nbd_socket();
     let nbd_listener = bind_unix(&nbd_path).await?;
     {

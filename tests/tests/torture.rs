@@ -62,6 +62,7 @@ enum Pending {
     Clone { name: String, content: Content },
     DeleteCheckpoint(u64),
     DeleteClone(String),
+    #[allow(dead_code)] // read through Debug, in the cycle log
     Other(&'static str),
 }
 

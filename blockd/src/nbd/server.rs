@@ -31,6 +31,11 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// Time a client has to complete the handshake.
     pub handshake_timeout: Duration,
+    /// Connections served at once per listener; at the limit the listener stops accepting
+    /// (clients wait in the socket's backlog) until one closes. At least 1. Together with
+    /// the per-connection limits this bounds the memory NBD clients can make the daemon
+    /// hold.
+    pub max_connections: usize,
     /// After a shutdown (the server's token or an export's), how long in-flight requests
     /// may take to finish, and then how long queued replies may take to be sent, before
     /// they are abandoned and the socket is closed.
@@ -43,6 +48,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 128,
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -51,6 +57,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     fn normalized(mut self) -> Self {
         self.max_in_flight_requests = self.max_in_flight_requests.max(1);
+        self.max_connections = self.max_connections.max(1);
         self.max_in_flight_bytes = self.max_in_flight_bytes.max(MAX_BLOCK_SIZE as usize);
         self
     }
@@ -160,7 +167,19 @@ impl<E: Exports> NbdServer<E> {
 
     async fn serve<L: Listener>(&self, listener: L, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            self.inner.config.max_connections,
+        ));
         loop {
+            // A free connection slot first: at the limit, new clients wait in the backlog.
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => break, // never closed
+                },
+            };
             let accepted = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -171,7 +190,8 @@ impl<E: Exports> NbdServer<E> {
                     let server = self.clone();
                     let shutdown = shutdown.clone();
                     connections.spawn(async move {
-                        server.serve_connection_from(stream, &peer, shutdown).await
+                        server.serve_connection_from(stream, &peer, shutdown).await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
