@@ -94,7 +94,9 @@ fn files_and_sockets_are_private_and_no_tcp_port_is_open_by_default() {
 
     // Oversized requests: refused, the stream stays in sync, the connection usable.
     let big = 32 * 1024 * 1024 + 4096;
-    let h = c.send(CMD_WRITE, 0, 0, big as u32, &vec![0xee; big]).unwrap();
+    let h = c
+        .send(CMD_WRITE, 0, 0, big as u32, &vec![0xee; big])
+        .unwrap();
     let r = c.recv().unwrap();
     assert_eq!((r.handle, r.result.err()), (h, Some(EINVAL)));
     let h = c.send(tests::nbd::CMD_READ, 0, 0, big as u32, &[]).unwrap();
@@ -121,7 +123,10 @@ fn files_and_sockets_are_private_and_no_tcp_port_is_open_by_default() {
     });
     let sockets = entries.iter().filter(|e| e.2 == "socket").count();
     // admin, nbd, and one vhost-user socket per volume.
-    assert!(sockets >= 4, "expected the admin, NBD and vhost sockets: {entries:?}");
+    assert!(
+        sockets >= 4,
+        "expected the admin, NBD and vhost sockets: {entries:?}"
+    );
     assert!(
         entries.iter().any(|e| e.0.contains("/objects/chunks/")),
         "no chunk object was written"
@@ -145,11 +150,7 @@ fn files_and_sockets_are_private_and_no_tcp_port_is_open_by_default() {
     // --nbd-tcp opens exactly that port.
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut d = Daemon::start_with(
-        &dir.path().join("blockd2"),
-        &[],
-        &["--nbd-tcp", &addr],
-    );
+    let mut d = Daemon::start_with(&dir.path().join("blockd2"), &[], &["--nbd-tcp", &addr]);
     let listeners = tcp_listeners(d.pid());
     assert_eq!(
         listeners,
