@@ -155,6 +155,10 @@ struct LogFile {
 impl LogFile {
     fn line(&mut self, stream: &str, text: &str) {
         if self.file.is_none() {
+            // The directory may have been removed by hand: recreate it.
+            if let Some(d) = self.path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
             self.file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
