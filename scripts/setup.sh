@@ -74,4 +74,9 @@ fi
 # Rust tools.
 command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; exit 1; }
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# cargo-fuzz for the libFuzzer targets in fuzz/ (scripts/fuzz.sh; scripts/test.sh runs it).
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  log "no nightly toolchain: scripts/fuzz.sh will build with RUSTC_BOOTSTRAP=1 and without AddressSanitizer (rustup toolchain install nightly --profile minimal adds it)"
+fi
 log "setup done"

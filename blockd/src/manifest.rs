@@ -124,8 +124,19 @@ impl Page {
         if bytes.len() > MAX_PAGE_BYTES {
             return Err(bad("too large"));
         }
-        let raw = zstd::bulk::decompress(bytes, MAX_PAGE_BYTES)
-            .map_err(|e| ManifestError::Page(format!("decompress: {e}")))?;
+        // Streamed with a cap: memory follows the page's real size (a one-shot decompress
+        // would reserve the 64 MiB cap for every page, 16 pages at a time during an import).
+        let raw = {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            zstd::stream::read::Decoder::with_buffer(bytes)
+                .and_then(|d| d.take(MAX_PAGE_BYTES as u64 + 1).read_to_end(&mut raw))
+                .map_err(|e| ManifestError::Page(format!("decompress: {e}")))?;
+            if raw.len() > MAX_PAGE_BYTES {
+                return Err(bad("decompresses beyond the size limit"));
+            }
+            raw
+        };
         let mut r = Reader { b: &raw, at: 0 };
         if r.take(4)? != PAGE_MAGIC {
             return Err(bad("missing magic"));

@@ -22,3 +22,9 @@ pub use local::{
     MAX_SEGMENT_BYTES, ReadReq,
 };
 pub use uring::Uring;
+
+/// Decoders of stored bytes, public for the fuzz targets (`fuzz/`); the chunk object
+/// format is [`tier::format`].
+pub mod decode {
+    pub use crate::segment::parse_file_name as segment_file_name;
+}

@@ -40,6 +40,10 @@ pub use records::{BranchPoint, CheckpointKind, CheckpointRecord, TimelineRecord,
 pub use volume::{BlockUpdate, Commit, VolumeHandle, VolumeInfo};
 
 /// Decoders for untrusted on-disk bytes, exposed for fuzzing.
+/// Decoders of stored bytes, public for the fuzz targets (`fuzz/`).
 pub mod decode {
-    pub use crate::codec::{Counters, MapValue, decode_checkpoint_key, decode_map_key};
+    pub use crate::codec::{
+        Counters, MapValue, decode_checkpoint_key, decode_i64, decode_map_key, decode_u64_key,
+    };
+    pub use crate::records::decode as record;
 }
