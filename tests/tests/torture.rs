@@ -56,10 +56,22 @@ struct Model {
 /// The operation under way when the daemon died: its effect may or may not be there.
 #[derive(Debug, Clone)]
 enum Pending {
-    Write { lba: u64, n: u64, stamp: u64 },
-    Checkpoint { content: Content },
-    Restore { id: u64, old_head: Content },
-    Clone { name: String, content: Content },
+    Write {
+        lba: u64,
+        n: u64,
+        stamp: u64,
+    },
+    Checkpoint {
+        content: Content,
+    },
+    Restore {
+        id: u64,
+        old_head: Content,
+    },
+    Clone {
+        name: String,
+        content: Content,
+    },
     DeleteCheckpoint(u64),
     DeleteClone(String),
     #[allow(dead_code)] // read through Debug, in the cycle log
