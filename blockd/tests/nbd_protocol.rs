@@ -81,6 +81,7 @@ const REPLY_TYPE_ERROR: u16 = 0x8001;
 
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
+const EIO: u32 = 5;
 
 const STATE_HOLE_ZERO: u32 = 3;
 
@@ -1083,6 +1084,23 @@ async fn server_shutdown_closes_connections() {
     c2.expect_closed().await;
     assert_eq!(exports.attached(), 0);
     assert_eq!(stats.snapshot().connections_active, 0);
+}
+
+/// A request whose handler panics (a bug) is still answered (EIO), so the client does not
+/// wait forever; then the connection closes and the server keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_answered_and_the_connection_closed() {
+    let srv = TestServer::start(exports()).await;
+    let dev = device(&srv, "disk");
+    let (mut c, _, _) = Client::open(&srv, "disk", false).await;
+    dev.panic_at(4096);
+    let (err, _) = c.read(1, 4096, 512).await;
+    assert_eq!(err, EIO);
+    c.expect_closed().await;
+    let (mut c2, _, _) = Client::open(&srv, "disk", false).await;
+    let (err, _) = c2.read(2, 0, 512).await;
+    assert_eq!(err, 0);
+    srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,8 @@ pub struct TestDevice {
     pub mem: MemDevice,
     gate_offset: Mutex<Option<u64>>,
     gate: watch::Sender<bool>,
+    /// Reads at this offset panic (a bug in the device, for the server's containment).
+    panic_offset: Mutex<Option<u64>>,
     pub reads_started: AtomicU64,
     pub writes_started: AtomicU64,
     pub alloc_bufs: AtomicU64,
@@ -46,6 +48,7 @@ impl TestDevice {
             mem,
             gate_offset: Mutex::new(None),
             gate: watch::channel(true).0,
+            panic_offset: Mutex::new(None),
             reads_started: AtomicU64::new(0),
             writes_started: AtomicU64::new(0),
             alloc_bufs: AtomicU64::new(0),
@@ -57,6 +60,11 @@ impl TestDevice {
     pub fn close_gate(&self, offset: u64) {
         *self.gate_offset.lock() = Some(offset);
         self.gate.send_replace(false);
+    }
+
+    /// From now on, reads at `offset` panic.
+    pub fn panic_at(&self, offset: u64) {
+        *self.panic_offset.lock() = Some(offset);
     }
 
     pub fn open_gate(&self) {
@@ -95,6 +103,9 @@ impl BlockDevice for TestDevice {
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
         self.reads_started.fetch_add(1, Ordering::SeqCst);
+        if *self.panic_offset.lock() == Some(offset) {
+            panic!("test device: injected panic on a read at {offset}");
+        }
         self.pass_gate(offset).await;
         self.mem.read(offset, len).await
     }

@@ -340,6 +340,8 @@ where
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (tx, rx) = mpsc::channel::<Outgoing<D::Buf>>(limits.max_in_flight_requests + 16);
     let writer_failed = CancellationToken::new();
+    // A handler that panicked (a bug) answered EIO and asks for the connection to close.
+    let handler_panicked = CancellationToken::new();
     let mut writer = tokio::spawn(write_replies(wr, rx, writer_failed.clone()));
     let shared = Arc::new(Shared {
         device,
@@ -368,6 +370,9 @@ where
             biased;
             _ = stopped(a, b) => break End::Shutdown,
             _ = writer_failed.cancelled() => break writer_gone(),
+            _ = handler_panicked.cancelled() => {
+                break End::Internal("a request handler panicked".into())
+            }
             r = rd.read_exact(&mut hdr) => {
                 if let Err(e) = r {
                     break end_of_input(e);
@@ -453,7 +458,29 @@ where
         } else {
             Work::Other
         };
-        handlers.spawn(handle(shared.clone(), req, work, slot, tx.clone()));
+        let (reply_tx, panicked) = (tx.clone(), handler_panicked.clone());
+        let structured = params.structured;
+        let work = handle(shared.clone(), req, work, slot, tx.clone());
+        handlers.spawn(async move {
+            use futures::FutureExt;
+            if std::panic::AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                // Without a reply the client would wait for this request forever: answer
+                // it, then close the connection (the loop stops reading requests).
+                error!(
+                    handle = req.handle,
+                    "request handler panicked; closing the connection"
+                );
+                let msg = "internal error (request handler panicked)";
+                let _ = reply_tx
+                    .send(Outgoing::error(&req, structured, EIO, msg))
+                    .await;
+                panicked.cancel();
+            }
+        });
     };
 
     // Let in-flight requests finish: without limit for a client-initiated end, within the
