@@ -10,6 +10,7 @@
 #   FUZZ_JOBS=N          parallel fuzzing processes per target (default 1)
 #   FUZZ_TARGET_DIR=DIR  cargo target directory of the fuzz build (default fuzz/target)
 #   FUZZ_SANITIZER=s     address (default) or none
+#   FUZZ_TOOLCHAIN=t     build on toolchain t instead of nightly (RUSTC_BOOTSTRAP=1, no sanitizer)
 # Needs cargo-fuzz (scripts/setup.sh installs it) and a nightly toolchain; without nightly
 # it builds on the default toolchain with RUSTC_BOOTSTRAP=1 and no sanitizer (coverage-
 # guided fuzzing still works; memory errors in unsafe code are then not detected).
@@ -25,7 +26,12 @@ sanitizer=${FUZZ_SANITIZER:-address}
 
 command -v cargo-fuzz >/dev/null || { log "cargo-fuzz not found: run scripts/setup.sh (cargo install cargo-fuzz)"; exit 1; }
 toolchain=()
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if [ -n "${FUZZ_TOOLCHAIN:-}" ] && [ "${FUZZ_TOOLCHAIN}" != nightly ]; then
+  log "FUZZ_TOOLCHAIN=$FUZZ_TOOLCHAIN: building with RUSTC_BOOTSTRAP=1 and --sanitizer none"
+  toolchain=(+"$FUZZ_TOOLCHAIN")
+  export RUSTC_BOOTSTRAP=1
+  sanitizer=none
+elif rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   toolchain=(+nightly)
 else
   log "no nightly toolchain: building with RUSTC_BOOTSTRAP=1 and --sanitizer none (install one with: rustup toolchain install nightly --profile minimal)"
