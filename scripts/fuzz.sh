@@ -43,7 +43,10 @@ fi
 if [ -z "${ROCKSDB_LIB_DIR:-}" ]; then
   lib=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -n1 || true)
   if [ -n "$lib" ]; then
-    export ROCKSDB_LIB_DIR=$(dirname "$lib") ROCKSDB_STATIC=1
+    # Absolute: librocksdb-sys hands it to rustc as a link-search path, and rustc runs in
+    # the crate's own directory, where a relative path does not resolve (CI failed so).
+    ROCKSDB_LIB_DIR=$(cd "$(dirname "$lib")" && pwd)
+    export ROCKSDB_LIB_DIR ROCKSDB_STATIC=1
     log "reusing $lib"
   fi
 fi
