@@ -330,6 +330,12 @@ impl LocalStore {
         &self.ring
     }
 
+    /// The ring this thread's operations use: its own (see [`Uring::set_thread_ring`]) or
+    /// the store's.
+    fn io(&self) -> Uring {
+        self.ring.for_this_thread()
+    }
+
     pub fn segments(&self) -> Vec<Arc<Segment>> {
         self.segments.read().values().cloned().collect()
     }
@@ -682,7 +688,7 @@ impl LocalStore {
         for ((seg, first, _), pieces) in runs.iter().zip(&run_pieces) {
             let mut pos = *first as u64 * BLOCK_SIZE as u64;
             for chunk in pieces.chunks(1024) {
-                let r = self.ring.writev_at(&seg.file, pos, &bufs, chunk).await;
+                let r = self.io().writev_at(&seg.file, pos, &bufs, chunk).await;
                 if let Err(e) = r {
                     first_err.get_or_insert(Error::io(seg.path.display().to_string(), e));
                 }
@@ -783,7 +789,7 @@ impl LocalStore {
                     tier.ensure_resident(self, &seg, r.addr.block, r.blocks)
                         .await?;
                 }
-                self.ring
+                self.io()
                     .read_at(
                         &seg.file,
                         r.addr.block as u64 * BLOCK_SIZE as u64,
@@ -845,7 +851,8 @@ impl LocalStore {
             let map = self.segments.read();
             ids.iter().filter_map(|id| map.get(id).cloned()).collect()
         };
-        let futs = segs.iter().map(|s| self.ring.sync(&s.file, true));
+        let io = self.io();
+        let futs = segs.iter().map(|s| io.sync(&s.file, true));
         let results = futures::future::join_all(futs).await;
         for (s, r) in segs.iter().zip(results) {
             if let Err(e) = r {
@@ -904,7 +911,7 @@ impl LocalStore {
                 "chunkstore::punch"
             )));
             let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
-            self.ring
+            self.io()
                 .fallocate(
                     &seg.file,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,

@@ -16,6 +16,7 @@ use crate::buf::AlignedBuf;
 use io_uring::{IoUring, opcode, squeue, types};
 use parking_lot::Mutex;
 use slab::Slab;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -54,7 +55,9 @@ struct Inner {
     slots: Mutex<Slab<Slot>>,
     permits: Arc<Semaphore>,
     stopping: AtomicBool,
-    /// Signalled by the kernel for every completion (tokio mode).
+    /// A runtime task drains the completions (tokio mode, or a polled ring handed over).
+    driven: AtomicBool,
+    /// Signalled by the kernel for every completion (tokio and polled modes).
     eventfd: Option<OwnedFd>,
 }
 
@@ -100,7 +103,12 @@ impl Drop for Stopper {
             return;
         }
         let nop = opcode::Nop::new().build().user_data(STOP_TOKEN);
-        if self.inner.push(&nop).is_ok()
+        // Submitted at once, even on a plugged thread: the join below waits for it.
+        if self
+            .inner
+            .queue(&nop)
+            .and_then(|()| self.inner.submit_queued())
+            .is_ok()
             && let Some(t) = self.thread.lock().take()
         {
             let _ = t.join();
@@ -108,9 +116,98 @@ impl Drop for Stopper {
     }
 }
 
+thread_local! {
+    /// Depth of [`Uring::plug`] guards alive on this thread.
+    static PLUG_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Rings with entries this thread queued but did not submit while plugged.
+    static PLUGGED: RefCell<Vec<Arc<Inner>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Submits what this thread queued while plugged when the outermost guard goes away.
+#[derive(Debug)]
+pub struct PlugGuard {
+    // Not Send: the plug is this thread's.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for PlugGuard {
+    fn drop(&mut self) {
+        let depth = PLUG_DEPTH.with(|d| {
+            let n = d.get().saturating_sub(1);
+            d.set(n);
+            n
+        });
+        if depth > 0 {
+            return;
+        }
+        let rings = PLUGGED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        for ring in rings {
+            if let Err(e) = ring.submit_queued() {
+                // The entries stay in the submission queue; the next submission on this
+                // ring (any thread) hands them to the kernel.
+                tracing::warn!("io_uring submit failed: {e}");
+            }
+        }
+    }
+}
+
 impl Inner {
-    fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
+    fn new(entries: u32, with_eventfd: bool) -> io::Result<Arc<Inner>> {
+        let ring = IoUring::builder().build(entries)?;
+        let eventfd = if with_eventfd {
+            // SAFETY: plain syscall; the returned fd is owned below.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            ring.submitter().register_eventfd(fd.as_raw_fd())?;
+            Some(fd)
+        } else {
+            None
+        };
+        Ok(Arc::new(Inner {
+            ring,
+            sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
+            slots: Mutex::new(Slab::with_capacity(entries as usize)),
+            permits: Arc::new(Semaphore::new(entries as usize)),
+            stopping: AtomicBool::new(false),
+            driven: AtomicBool::new(false),
+            eventfd,
+        }))
+    }
+
+    fn push(self: &Arc<Self>, sqe: &squeue::Entry) -> io::Result<()> {
+        if PLUG_DEPTH.with(Cell::get) > 0 {
+            self.queue(sqe)?;
+            PLUGGED.with(|p| {
+                let mut p = p.borrow_mut();
+                if !p.iter().any(|r| Arc::ptr_eq(r, self)) {
+                    p.push(self.clone());
+                }
+            });
+            return Ok(());
+        }
         let _g = self.sq_lock.lock();
+        self.queue_locked(sqe)?;
+        self.submit_locked()
+    }
+
+    /// Puts an entry in the submission queue without submitting it (unless the queue is
+    /// full, which submits what is there).
+    fn queue(&self, sqe: &squeue::Entry) -> io::Result<()> {
+        let _g = self.sq_lock.lock();
+        self.queue_locked(sqe)
+    }
+
+    fn submit_queued(&self) -> io::Result<()> {
+        let _g = self.sq_lock.lock();
+        self.submit_locked()
+    }
+
+    fn queue_locked(&self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: only this function touches the submission queue, under sq_lock;
             // completions are only read under cq_lock.
@@ -123,6 +220,10 @@ impl Inner {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn submit_locked(&self) -> io::Result<()> {
         loop {
             match self.ring.submitter().submit() {
                 Ok(_) => return Ok(()),
@@ -166,7 +267,7 @@ impl Inner {
         stop
     }
 
-    fn run_thread(&self) {
+    fn run_thread(self: &Arc<Self>) {
         loop {
             match self.ring.submitter().submit_and_wait(1) {
                 Ok(_) => {}
@@ -182,7 +283,7 @@ impl Inner {
                 }
                 // Operations still in flight: re-arm the stop token behind them.
                 let nop = opcode::Nop::new().build().user_data(STOP_TOKEN);
-                let _ = self.push(&nop);
+                let _ = self.queue(&nop).and_then(|()| self.submit_queued());
             }
         }
     }
@@ -225,38 +326,87 @@ impl Inner {
     }
 }
 
+thread_local! {
+    /// The ring this thread's operations go to instead of the store's (see
+    /// [`Uring::set_thread_ring`]).
+    static THREAD_RING: RefCell<Option<Uring>> = const { RefCell::new(None) };
+}
+
 impl Uring {
+    /// A ring whose completions nobody drains by itself: its owner waits for
+    /// [`Uring::completion_fd`] to become readable and calls [`Uring::complete_ready`]
+    /// (one thread doing submission and completion, like a vhost-user queue worker), until
+    /// it hands the ring to a runtime with [`Uring::spawn_driver`].
+    pub fn new_polled(entries: u32) -> io::Result<Uring> {
+        let inner = Inner::new(entries, true)?;
+        Ok(Uring {
+            _stopper: Arc::new(Stopper {
+                inner: inner.clone(),
+                thread: Mutex::new(None),
+            }),
+            inner,
+        })
+    }
+
+    /// Readable when completions are waiting (rings with an eventfd).
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.eventfd.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    /// Delivers every finished operation (wakes its waiter). For polled rings.
+    pub fn complete_ready(&self) {
+        if let Some(fd) = &self.inner.eventfd {
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes into a valid buffer from our non-blocking eventfd;
+            // resets its counter before draining, so later completions signal again.
+            unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        }
+        self.inner.drain();
+    }
+
+    /// From now on a task on `rt` drains the completions (a polled ring whose owner goes
+    /// away with operations in flight). Idempotent.
+    pub fn spawn_driver(&self, rt: &tokio::runtime::Handle) {
+        if self.inner.eventfd.is_some() && !self.inner.driven.swap(true, Ordering::AcqRel) {
+            rt.spawn(self.inner.clone().run_task());
+        }
+    }
+
+    /// Makes `ring` the ring of every operation this thread starts through a
+    /// [`crate::LocalStore`] (`None`: the store's own again). A thread that owns a polled
+    /// ring sets it, so its I/O completes where it was started.
+    pub fn set_thread_ring(ring: Option<Uring>) {
+        THREAD_RING.with(|r| *r.borrow_mut() = ring);
+    }
+
+    /// This thread's ring if one is set, else `self`.
+    pub(crate) fn for_this_thread(&self) -> Uring {
+        THREAD_RING
+            .with(|r| r.borrow().clone())
+            .unwrap_or_else(|| self.clone())
+    }
+
+    /// Until the guard drops, operations this thread starts (on any ring) are queued
+    /// without a system call and then submitted together: one `io_uring_enter` for a batch,
+    /// so the kernel also hands the batch to the disk as one (fewer device notifications,
+    /// which are costly in a VM). Callers must not wait for such an operation while holding
+    /// the guard: start a batch, drop the guard, then wait.
+    pub fn plug() -> PlugGuard {
+        PLUG_DEPTH.with(|d| d.set(d.get() + 1));
+        PlugGuard {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
     /// A ring with `entries` submission slots (rounded up to a power of two by the kernel).
     /// Completions are driven by the current tokio runtime if there is one, else by a
     /// dedicated thread.
     pub fn new(entries: u32) -> io::Result<Uring> {
-        let ring = IoUring::builder().build(entries)?;
         let runtime = tokio::runtime::Handle::try_current().ok();
-        let eventfd = match &runtime {
-            Some(_) => {
-                // SAFETY: plain syscall; the returned fd is owned below.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                ring.submitter().register_eventfd(fd.as_raw_fd())?;
-                Some(fd)
-            }
-            None => None,
-        };
-        let inner = Arc::new(Inner {
-            ring,
-            sq_lock: Mutex::new(()),
-            cq_lock: Mutex::new(()),
-            slots: Mutex::new(Slab::with_capacity(entries as usize)),
-            permits: Arc::new(Semaphore::new(entries as usize)),
-            stopping: AtomicBool::new(false),
-            eventfd,
-        });
+        let inner = Inner::new(entries, runtime.is_some())?;
         let thread = match runtime {
             Some(rt) => {
+                inner.driven.store(true, Ordering::Release);
                 rt.spawn(inner.clone().run_task());
                 None
             }

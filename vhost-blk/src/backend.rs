@@ -1,8 +1,21 @@
 //! The vhost-user-blk backend of one connection: `vhost-user-backend` drives the protocol and
-//! calls [`BlkBackend::handle_event`] on a worker thread per virtqueue; the worker pops the
-//! available chains, parses them ([`crate::request`]) and hands each request to the tokio
-//! runtime, so many are in flight at once. Completions write the data and status into guest
-//! memory and publish the used entry.
+//! calls [`BlkBackend::handle_event`] on a worker thread per virtqueue. Each worker runs its
+//! queue's requests itself, like one event loop of qemu-storage-daemon:
+//!
+//! - on a kick it pops the available chains, parses them ([`crate::request`]) and adds a
+//!   future per request to the queue's set of requests in flight;
+//! - it polls the ready ones inside one [`BlockDevice::batch`], so the disk I/O they start
+//!   goes to the kernel in one submission;
+//! - the device's [`QueueIo`] (blockd: an io_uring of the queue's own) is polled in the same
+//!   epoll as the kick: its completions wake the requests on this thread, which write the
+//!   data and status into guest memory and publish the used entries; the guest is
+//!   signalled once per round, not once per request;
+//! - a request woken from another thread (a write group led by another queue, a flush, an
+//!   object-store fetch) wakes the worker through an eventfd in the same epoll.
+//!
+//! So a request normally never leaves its queue's thread: no runtime wake-up, no thread hop.
+//! Requests are futures on the tokio runtime's context (timers, blocking pools, object-store
+//! I/O work as usual); they are only polled here.
 //!
 //! # In-order publication (why reconnects lose nothing)
 //!
@@ -35,16 +48,21 @@
 //! already in the device finish before the connection's attachment is released.
 
 use crate::config::BackendConfig;
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, QueueIo};
 use crate::request::{self, ID_BYTES, Limits, Op, Request, STATUS_IOERR, STATUS_OK};
 use crate::stats::{RequestKind, VhostStats};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::task::{Context, Waker};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -54,6 +72,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
 pub(crate) type AtomicMem = GuestMemoryAtomic<Mem>;
@@ -76,8 +95,60 @@ pub(crate) struct Shared<D: BlockDevice> {
     /// False once the connection is being torn down (see the module doc).
     alive: RwLock<bool>,
     queues: Vec<InFlight>,
+    /// The requests of each queue, run by its worker thread.
+    execs: Vec<QueueExec>,
     rejected: AtomicU32,
     name: String,
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Epoll data of a queue's extra events (above the queue and exit events, which
+/// `vhost-user-backend` numbers `0..=num_queues`).
+fn io_event(num_queues: u16) -> u16 {
+    num_queues + 1
+}
+fn wake_event(num_queues: u16) -> u16 {
+    num_queues + 2
+}
+
+/// One queue's requests in flight and what drives them (see the module doc).
+struct QueueExec {
+    tasks: Mutex<FuturesUnordered<Task>>,
+    waker: Arc<ExecWaker>,
+    io: Option<Arc<dyn QueueIo>>,
+    attached: AtomicBool,
+    /// A request completed on the worker published a used entry: signal at the round's end.
+    signal: AtomicBool,
+}
+
+/// Wakes a queue's worker: for free on the worker itself (it polls again before it
+/// sleeps), through the eventfd from other threads.
+struct ExecWaker {
+    fd: EventFd,
+    notified: AtomicBool,
+    worker: OnceLock<ThreadId>,
+}
+
+impl ExecWaker {
+    fn on_worker(&self) -> bool {
+        self.worker.get() == Some(&std::thread::current().id())
+    }
+}
+
+impl Wake for ExecWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.notified.swap(true, Ordering::AcqRel)
+            && !self.on_worker()
+            && let Err(e) = self.fd.write(1)
+        {
+            tracing::error!("cannot wake a vhost-user queue worker: {e}");
+        }
+    }
 }
 
 /// Requests of one queue that were popped and not yet published, in avail order.
@@ -117,7 +188,7 @@ impl<D: BlockDevice> Shared<D> {
         mem: AtomicMem,
         rt: tokio::runtime::Handle,
         stats: Arc<VhostStats>,
-    ) -> Shared<D> {
+    ) -> io::Result<Shared<D>> {
         let mut id = [0u8; ID_BYTES];
         let dev_id = device.id();
         let n = dev_id.len().min(ID_BYTES);
@@ -131,9 +202,25 @@ impl<D: BlockDevice> Shared<D> {
             max_write_zeroes_sectors: cfg.max_write_zeroes_sectors,
             max_write_zeroes_seg: cfg.max_write_zeroes_seg,
         };
-        Shared {
+        let execs = (0..cfg.num_queues)
+            .map(|_| {
+                Ok(QueueExec {
+                    tasks: Mutex::new(FuturesUnordered::new()),
+                    waker: Arc::new(ExecWaker {
+                        fd: EventFd::new(EFD_NONBLOCK)?,
+                        notified: AtomicBool::new(false),
+                        worker: OnceLock::new(),
+                    }),
+                    io: device.queue_io(),
+                    attached: AtomicBool::new(false),
+                    signal: AtomicBool::new(false),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Shared {
             features: cfg.features(device.read_only()),
             queues: (0..cfg.num_queues).map(|_| InFlight::default()).collect(),
+            execs,
             device,
             cfg,
             limits,
@@ -145,6 +232,34 @@ impl<D: BlockDevice> Shared<D> {
             alive: RwLock::new(true),
             rejected: AtomicU32::new(0),
             name: name.to_string(),
+        })
+    }
+
+    /// The file descriptors queue `q`'s worker must watch besides its kick, with their
+    /// epoll data (for `VringEpollHandler::register_listener`).
+    pub(crate) fn queue_fds(&self, q: usize) -> Vec<(RawFd, u64)> {
+        let nq = self.cfg.num_queues;
+        let Some(ex) = self.execs.get(q) else {
+            return Vec::new();
+        };
+        let mut fds = vec![(ex.waker.fd.as_raw_fd(), u64::from(wake_event(nq)))];
+        if let Some(io) = &ex.io {
+            fds.push((io.fd(), u64::from(io_event(nq))));
+        }
+        fds
+    }
+
+    /// The workers are gone (joined): requests still in flight go on as runtime tasks, and
+    /// their I/O completes through the runtime.
+    pub(crate) fn hand_off(&self) {
+        for ex in &self.execs {
+            if let Some(io) = &ex.io {
+                io.detach(&self.rt);
+            }
+            let tasks = std::mem::take(&mut *ex.tasks.lock());
+            for t in tasks {
+                self.rt.spawn(t);
+            }
         }
     }
 
@@ -172,7 +287,56 @@ impl<D: BlockDevice> Shared<D> {
         true
     }
 
+    /// Makes the calling thread queue `q`'s worker (once): its I/O context and waker.
+    fn attach_worker(&self, q: usize) {
+        let ex = &self.execs[q];
+        if ex.attached.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = ex.waker.worker.set(std::thread::current().id());
+        if let Some(io) = &ex.io {
+            io.attach_thread();
+        }
+    }
+
+    /// Polls queue `q`'s ready requests until none is ready (on its worker thread); the I/O
+    /// they start is submitted as one batch. Then signals the guest once if any request
+    /// was published.
+    fn run_queue(&self, q: usize, vring: &Vring) {
+        let ex = &self.execs[q];
+        self.attach_worker(q);
+        let waker = Waker::from(ex.waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        {
+            let _ctx = self.rt.enter();
+            let mut tasks = ex.tasks.lock();
+            self.device.batch(|| {
+                loop {
+                    ex.waker.notified.store(false, Ordering::Release);
+                    while let Poll::Ready(Some(())) = tasks.poll_next_unpin(&mut cx) {}
+                    // Woken while polling (on this thread, or the set yielded): go again.
+                    if !ex.waker.notified.load(Ordering::Acquire) {
+                        break;
+                    }
+                }
+            });
+        }
+        if ex.signal.swap(false, Ordering::AcqRel) {
+            self.signal(q, vring);
+        }
+    }
+
+    fn signal(&self, q: usize, vring: &Vring) {
+        // Without EVENT_IDX this is always true; with it, the driver's used_event decides.
+        if vring.needs_notification().unwrap_or(true)
+            && let Err(e) = vring.signal_used_queue()
+        {
+            tracing::debug!(device = %self.name, queue = q, "signal_used_queue: {e}");
+        }
+    }
+
     fn process_queue(self: &Arc<Self>, q: usize, vring: &Vring) {
+        self.attach_worker(q);
         // With EVENT_IDX, notifications stay off while draining and the ring is checked
         // again after re-enabling them, so no kick is lost in between.
         let event_idx = self.event_idx.load(Ordering::Acquire);
@@ -207,6 +371,7 @@ impl<D: BlockDevice> Shared<D> {
                 }
             }
         };
+        let tasks = &self.execs[q].tasks;
         for chain in chains {
             let head = chain.head_index();
             let parsed = request::parse(chain, &*mem, &self.limits);
@@ -217,10 +382,10 @@ impl<D: BlockDevice> Shared<D> {
                     let this = self.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
-                    self.start(async move {
+                    tasks.lock().push(Box::pin(async move {
                         let outcome = this.execute(&req, &mem).await;
                         this.finish(q, &vring, seq, head, &req, outcome, &mem);
-                    });
+                    }));
                 }
                 Err(rej) => {
                     self.stats.started(RequestKind::Rejected);
@@ -247,19 +412,6 @@ impl<D: BlockDevice> Shared<D> {
                     self.complete(q, vring, seq, used, *alive);
                 }
             }
-        }
-    }
-
-    /// Runs a request: polled once right here on the vring worker (inside the runtime's
-    /// context), so it reaches the engine (map lookup, io_uring submission) without waiting
-    /// for a runtime thread to wake up; if it is not finished, the runtime owns it from then
-    /// on (its next poll registers the runtime's waker, so no wake-up is lost).
-    fn start(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        let _ctx = self.rt.enter();
-        let mut fut = Box::pin(fut);
-        let mut cx = Context::from_waker(Waker::noop());
-        if fut.as_mut().poll(&mut cx).is_pending() {
-            self.rt.spawn(fut);
         }
     }
 
@@ -395,16 +547,17 @@ impl<D: BlockDevice> Shared<D> {
                 }
             }
         }
-        if published {
-            // Without EVENT_IDX this is always true; with it, the driver's used_event decides.
-            if vring.needs_notification().unwrap_or(true)
-                && let Err(e) = vring.signal_used_queue()
-            {
-                tracing::debug!(device = %self.name, queue = q, "signal_used_queue: {e}");
-            }
-        }
         if o.slots.is_empty() {
             inf.idle.notify_all();
+        }
+        drop(o);
+        if published {
+            let ex = &self.execs[q];
+            if ex.waker.on_worker() {
+                ex.signal.store(true, Ordering::Release); // at the end of this round
+            } else {
+                self.signal(q, vring);
+            }
         }
     }
 }
@@ -512,12 +665,27 @@ impl<D: BlockDevice> VhostUserBackend for BlkBackend<D> {
         thread_id: usize,
     ) -> io::Result<()> {
         // One queue per worker thread: event 0 is its kick, thread_id its queue index.
-        if device_event != 0 {
+        let Some(vring) = vrings.first() else {
             return Ok(());
+        };
+        let q = thread_id;
+        let nq = self.shared.cfg.num_queues;
+        let Some(ex) = self.shared.execs.get(q) else {
+            return Ok(());
+        };
+        match device_event {
+            0 => self.shared.process_queue(q, vring),
+            e if e == io_event(nq) => {
+                if let Some(io) = &ex.io {
+                    io.complete_ready();
+                }
+            }
+            e if e == wake_event(nq) => {
+                let _ = ex.waker.fd.read();
+            }
+            _ => return Ok(()),
         }
-        if let Some(vring) = vrings.first() {
-            self.shared.process_queue(thread_id, vring);
-        }
+        self.shared.run_queue(q, vring);
         Ok(())
     }
 }

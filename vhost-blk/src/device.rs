@@ -58,8 +58,31 @@ pub struct Extent {
     pub hole: bool,
 }
 
+/// The I/O of one vhost-user queue, done entirely on the queue's worker thread: the worker
+/// starts requests, waits for [`QueueIo::fd`] beside the queue's kick, and completes them
+/// itself, so a request never hops to another thread (the way qemu-storage-daemon runs a
+/// queue in one event loop).
+pub trait QueueIo: Send + Sync + 'static {
+    /// Readable when I/O started on the worker thread has completions waiting.
+    fn fd(&self) -> std::os::fd::RawFd;
+    /// Called on the worker thread before it starts any request: its I/O goes here from
+    /// now on.
+    fn attach_thread(&self);
+    /// Delivers the waiting completions (on the worker thread, after `fd` was readable).
+    fn complete_ready(&self);
+    /// The worker thread is gone with I/O in flight: from now on the runtime delivers
+    /// the completions.
+    fn detach(&self, rt: &tokio::runtime::Handle);
+}
+
 pub trait BlockDevice: Send + Sync + 'static {
     type Buf: IoBuf;
+
+    /// A per-queue I/O context for a front end that runs each queue on its own thread
+    /// (`None`: requests' I/O completes on the async runtime, woken from there).
+    fn queue_io(&self) -> Option<std::sync::Arc<dyn QueueIo>> {
+        None
+    }
 
     fn size_bytes(&self) -> u64;
 
@@ -107,6 +130,14 @@ pub trait BlockDevice: Send + Sync + 'static {
         len: u64,
         fua: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+
+    /// Runs `f`, which starts several requests (polls their futures once), so that the
+    /// I/O they start is handed to the disk together when `f` returns: a device on
+    /// io_uring queues the submissions and makes one system call (and the kernel one
+    /// device notification) for the batch. The default just runs `f`.
+    fn batch<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
 
     /// Allocation status of `[offset, offset + len)`, as consecutive extents covering at
     /// least a prefix of the range.

@@ -10,8 +10,9 @@
 //!   one `DeviceError` -> virtio status mapping.
 //! - [`config`]: what the device offers: features, limits, configuration space
 //!   ([`BackendConfig`]).
-//! - `backend`: the `vhost-user-backend` backend of one connection: vring workers, requests
-//!   on a tokio runtime, in-order completion (why reconnects lose nothing: see there).
+//! - `backend`: the `vhost-user-backend` backend of one connection: one worker thread per
+//!   queue that starts, drives and completes its requests itself, in-order completion (why
+//!   reconnects lose nothing: see there).
 //! - [`Session`]: one vhost-user connection's life (accept, serve, tear down).
 //! - [`VhostStats`]: counters shared by a server's connections.
 //! - [`client`] (feature `client`): a minimal vhost-user-blk driver for tests and
@@ -29,7 +30,9 @@ mod session;
 mod stats;
 
 pub use config::BackendConfig;
-pub use device::{BlockDevice, DeviceError, Extent, IoBuf, MemDevice, SECTOR_SIZE, check_range};
+pub use device::{
+    BlockDevice, DeviceError, Extent, IoBuf, MemDevice, QueueIo, SECTOR_SIZE, check_range,
+};
 pub use session::{Session, SessionError, SessionOptions, connection_pending};
 pub use stats::{RequestKind, VhostStats, VhostStatsSnapshot};
 /// The listener type [`Session::accept`] takes (`vhost::vhost_user::Listener`).

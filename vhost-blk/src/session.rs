@@ -36,7 +36,7 @@ pub enum SessionError {
     Config(String),
     #[error("vhost-user: {0}")]
     Vhost(String),
-    #[error("cannot start the connection thread: {0}")]
+    #[error("cannot start the connection's threads or events: {0}")]
     Thread(std::io::Error),
 }
 
@@ -100,20 +100,31 @@ impl Session {
     ) -> Result<Session, SessionError> {
         opts.config.validate().map_err(SessionError::Config)?;
         let mem: AtomicMem = AtomicMem::new(Mem::new());
-        let shared = Arc::new(Shared::new(
-            &opts.name,
-            device,
-            opts.config.clone(),
-            mem.clone(),
-            opts.runtime,
-            opts.stats.clone(),
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                &opts.name,
+                device,
+                opts.config.clone(),
+                mem.clone(),
+                opts.runtime,
+                opts.stats.clone(),
+            )
+            .map_err(SessionError::Thread)?,
+        );
         let backend = BlkBackend {
             shared: shared.clone(),
         };
         let thread_name: String = format!("vu-{}", opts.name).chars().take(15).collect();
         let mut daemon = VhostUserDaemon::new(thread_name.clone(), backend, mem)
             .map_err(|e| SessionError::Vhost(e.to_string()))?;
+        // Each queue's worker also waits for its requests' completions and wake-ups.
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            for (fd, data) in shared.queue_fds(q) {
+                handler
+                    .register_listener(fd, EventSet::IN, data)
+                    .map_err(|e| SessionError::Vhost(format!("queue {q} events: {e}")))?;
+            }
+        }
         daemon
             .start(listener)
             .map_err(|e| SessionError::Vhost(e.to_string()))?;
@@ -138,6 +149,8 @@ impl Session {
                 thread_shared.mark_dead();
                 // Stops and joins the vring workers (exit events): no request starts after.
                 drop(daemon);
+                // What they still ran goes on as runtime tasks.
+                thread_shared.hand_off();
                 if !thread_shared.wait_idle(drain) {
                     tracing::error!(device = %name, "requests still in flight {drain:?} after the connection closed; releasing it anyway");
                 }

@@ -33,10 +33,14 @@
 //! | job | requests | in flight |
 //! |---|---|---|
 //! | randread-4k-qd32 | 4 KiB random reads | 32 (split over the queues) |
-//! | randwrite-4k-qd32 | 4 KiB random writes | 32 |
 //! | randread-4k-qd1 | 4 KiB random reads, one queue | 1 |
-//! | seqread-1m-qd8 | 1 MiB sequential reads (a region per queue) | 8 |
+//! | seqread-1m-qd8 | 1 MiB sequential reads (a region per queue), on the filled disk | 8 |
+//! | randwrite-4k-qd32 | 4 KiB random writes | 32 |
+//! | seqread-1m-qd8-aged | the same sequential reads after the random writes | 8 |
 //! | seqwrite-1m-qd8 | 1 MiB sequential writes | 8 |
+//!
+//! Jobs run in this order, like the NBD harness's: the aged row shows what random
+//! overwrites do to a log-structured layout, which an in-place store does not have.
 
 #[path = "../process.rs"]
 #[allow(dead_code)]
@@ -79,7 +83,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "randread-4k-qd32,randwrite-4k-qd32,randread-4k-qd1,seqread-1m-qd8,seqwrite-1m-qd8"
+        default_value = "randread-4k-qd32,randread-4k-qd1,seqread-1m-qd8,randwrite-4k-qd32,seqread-1m-qd8-aged,seqwrite-1m-qd8"
     )]
     jobs: Vec<String>,
     /// blockd binary (default: <workspace>/target/release/blockd).
@@ -112,20 +116,15 @@ struct Job {
     all_queues: bool,
 }
 
-const JOBS: [Job; 5] = [
+/// In the order they run (the NBD harness's order): reads on the sequentially filled disk
+/// first, then the random writes, then the sequential read again on the layout the random
+/// writes aged (blockd's log-structured cost), then the sequential writes.
+const JOBS: [Job; 6] = [
     Job {
         name: "randread-4k-qd32",
         block: 4096,
         depth: 32,
         write: false,
-        random: true,
-        all_queues: true,
-    },
-    Job {
-        name: "randwrite-4k-qd32",
-        block: 4096,
-        depth: 32,
-        write: true,
         random: true,
         all_queues: true,
     },
@@ -139,6 +138,22 @@ const JOBS: [Job; 5] = [
     },
     Job {
         name: "seqread-1m-qd8",
+        block: 1 << 20,
+        depth: 8,
+        write: false,
+        random: false,
+        all_queues: true,
+    },
+    Job {
+        name: "randwrite-4k-qd32",
+        block: 4096,
+        depth: 32,
+        write: true,
+        random: true,
+        all_queues: true,
+    },
+    Job {
+        name: "seqread-1m-qd8-aged",
         block: 1 << 20,
         depth: 8,
         write: false,
