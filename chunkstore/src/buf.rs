@@ -157,6 +157,14 @@ impl AlignedBuf {
         unsafe { std::ptr::write_bytes(p, 0, len) };
     }
 
+    /// Copies `src` to bytes `[offset, offset + src.len())` of the allocation.
+    pub(crate) fn copy_in(&mut self, offset: usize, src: &[u8]) {
+        let p = self.io_ptr(offset, src.len());
+        // SAFETY: the range lies within the allocation (io_ptr checks); &mut self, so
+        // nothing else refers to it, and `src` is another buffer's memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+    }
+
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
         let mut b = AlignedBuf::zeroed(data.len());
         b.as_mut_slice().copy_from_slice(data);

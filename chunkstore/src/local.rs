@@ -747,7 +747,7 @@ impl LocalStore {
     ) -> (AlignedBuf, Result<()>) {
         let out = Arc::new(out);
         let res = self.read_into(reqs, &out).await;
-        let out = match Arc::try_unwrap(out) {
+        let mut out = match Arc::try_unwrap(out) {
             Ok(b) => b,
             // Unreachable: every operation returned its reference on completion. Copy
             // rather than panic should that ever change.
@@ -757,15 +757,17 @@ impl LocalStore {
                 b
             }
         };
-        if let Err(e) = res {
-            return (out, Err(e));
+        match res {
+            Ok(gaps) => gaps.fill(&mut out),
+            Err(e) => return (out, Err(e)),
         }
         let res = self.verify(reqs, expected, &out);
         (out, res)
     }
 
-    async fn read_into(&self, reqs: &[ReadReq], out: &Arc<AlignedBuf>) -> Result<()> {
-        let mut futs = Vec::with_capacity(reqs.len());
+    /// Reads every request into `out`; what reading through gaps left to do comes back.
+    async fn read_into(&self, reqs: &[ReadReq], out: &Arc<AlignedBuf>) -> Result<Gaps> {
+        let mut segs = Vec::with_capacity(reqs.len());
         for r in reqs {
             let seg = match self.segment(r.addr.segment) {
                 Some(s) => s,
@@ -783,33 +785,64 @@ impl LocalStore {
                     out.capacity()
                 )));
             }
-            futs.push(async move {
-                let _pin = ReadPin::new(&seg);
-                if let Some(tier) = self.tier.get() {
-                    tier.ensure_resident(self, &seg, r.addr.block, r.blocks)
-                        .await?;
-                }
-                self.io()
-                    .read_at(
-                        &seg.file,
-                        r.addr.block as u64 * BLOCK_SIZE as u64,
-                        out,
-                        r.out_block * BLOCK_SIZE,
-                        bytes,
-                    )
-                    .await
-                    .map_err(|e| Error::io(seg.path.display().to_string(), e))
-            });
+            segs.push(seg);
         }
-        for r in futures::future::join_all(futs).await {
+        let _pins: Vec<ReadPin<'_>> = segs.iter().map(|s| ReadPin::new(s)).collect();
+        if let Some(tier) = self.tier.get() {
+            let fetches = reqs
+                .iter()
+                .zip(&segs)
+                .map(|(r, seg)| tier.ensure_resident(self, seg, r.addr.block, r.blocks));
+            for r in futures::future::join_all(fetches).await {
+                r?;
+            }
+        }
+        let plan = ReadPlan::new(reqs, COALESCE_GAP_BLOCKS);
+        let scratch = (plan.scratch_blocks > 0)
+            .then(|| Arc::new(AlignedBuf::for_overwrite(plan.scratch_blocks * BLOCK_SIZE)));
+        let io = self.io();
+        let reads = plan.pieces.iter().map(|p| {
+            let seg = &segs[p.req];
+            let dest = match (&scratch, p.into_scratch) {
+                (Some(s), true) => s,
+                _ => out,
+            };
+            let io = &io;
+            async move {
+                io.read_at(
+                    &seg.file,
+                    p.block as u64 * BLOCK_SIZE as u64,
+                    dest,
+                    p.at * BLOCK_SIZE,
+                    p.blocks as usize * BLOCK_SIZE,
+                )
+                .await
+                .map_err(|e| Error::io(seg.path.display().to_string(), e))
+            }
+        });
+        let results = {
+            let mut all = std::pin::pin!(futures::future::join_all(reads));
+            // Every read of the request is submitted in one system call (see `Uring::plug`).
+            let first = std::future::poll_fn(|cx| {
+                let _plug = Uring::plug();
+                std::task::Poll::Ready(all.as_mut().poll(cx))
+            })
+            .await;
+            match first {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => all.await,
+            }
+        };
+        for r in results {
             r?;
         }
-        let total: u64 = reqs
+        let total: u64 = plan
+            .pieces
             .iter()
-            .map(|r| r.blocks as u64 * BLOCK_SIZE as u64)
+            .map(|p| p.blocks as u64 * BLOCK_SIZE as u64)
             .sum();
         self.stats.read_bytes.fetch_add(total, Ordering::Relaxed);
-        Ok(())
+        Ok(Gaps { plan, scratch })
     }
 
     fn verify(&self, reqs: &[ReadReq], expected: &[u32], out: &AlignedBuf) -> Result<()> {
@@ -1032,6 +1065,148 @@ impl LocalStore {
     }
 }
 
+/// Largest run of unwanted blocks a read goes through rather than split in two: reading
+/// 32 KiB more costs the disk less than another request, and a sequential read of data that
+/// random overwrites moved block by block elsewhere stays one request per original run.
+const COALESCE_GAP_BLOCKS: u32 = 8;
+
+/// One I/O of a read: `blocks` blocks at `block` of `reqs[req]`'s segment, into block `at`
+/// of the output (or of the scratch buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    req: usize,
+    block: u32,
+    blocks: u32,
+    at: usize,
+    into_scratch: bool,
+}
+
+/// How a set of [`ReadReq`]s becomes I/O. Requests that continue one another in a segment
+/// (same distance between segment block and output block) with at most `max_gap` blocks
+/// between them are read as one piece straight into the output; the requests whose output
+/// blocks lie in such a gap are read into a scratch buffer and copied over the gap once
+/// every piece is in, and gap blocks no request names are zeroed. Without gaps, each
+/// request is one piece.
+#[derive(Debug, Default)]
+struct ReadPlan {
+    pieces: Vec<Piece>,
+    /// (scratch block, output block, blocks) to copy after the I/O.
+    copies: Vec<(usize, usize, usize)>,
+    /// Output block ranges to zero after the I/O (gap blocks nobody asked for).
+    zeros: Vec<(usize, usize)>,
+    scratch_blocks: usize,
+}
+
+impl ReadPlan {
+    fn new(reqs: &[ReadReq], max_gap: u32) -> ReadPlan {
+        let mut plan = ReadPlan::default();
+        let sorted = reqs
+            .windows(2)
+            .all(|w| w[0].out_block + w[0].blocks as usize <= w[1].out_block);
+        if max_gap == 0 || !sorted {
+            plan.pieces = reqs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Piece {
+                    req: i,
+                    block: r.addr.block,
+                    blocks: r.blocks,
+                    at: r.out_block,
+                    into_scratch: false,
+                })
+                .collect();
+            return plan;
+        }
+        let key = |r: &ReadReq| (r.addr.segment, r.addr.block as i64 - r.out_block as i64);
+        let mut queue: std::collections::VecDeque<usize> = (0..reqs.len()).collect();
+        while let Some(first) = queue.pop_front() {
+            let f = &reqs[first];
+            let start = f.out_block;
+            let mut end = start + f.blocks as usize;
+            let mut members = vec![first];
+            let mut fillers: Vec<usize> = Vec::new();
+            let mut pending: Vec<usize> = Vec::new();
+            while let Some(&j) = queue.front() {
+                let r = &reqs[j];
+                if r.out_block > end + max_gap as usize {
+                    break;
+                }
+                queue.pop_front();
+                let gap = r.out_block - end;
+                if key(r) == key(f) && gap <= max_gap as usize {
+                    fillers.append(&mut pending);
+                    members.push(j);
+                    end = r.out_block + r.blocks as usize;
+                } else {
+                    pending.push(j);
+                }
+            }
+            // Requests past the last member start the next pieces.
+            for j in pending.into_iter().rev() {
+                queue.push_front(j);
+            }
+            plan.pieces.push(Piece {
+                req: first,
+                block: f.addr.block,
+                blocks: (end - start) as u32,
+                at: start,
+                into_scratch: false,
+            });
+            // The gaps between members: fillers' blocks are copied in, the rest zeroed.
+            let mut covered: Vec<(usize, usize)> = Vec::new();
+            for &j in &fillers {
+                let r = &reqs[j];
+                plan.pieces.push(Piece {
+                    req: j,
+                    block: r.addr.block,
+                    blocks: r.blocks,
+                    at: plan.scratch_blocks,
+                    into_scratch: true,
+                });
+                plan.copies
+                    .push((plan.scratch_blocks, r.out_block, r.blocks as usize));
+                plan.scratch_blocks += r.blocks as usize;
+            }
+            covered.extend(members.iter().chain(&fillers).map(|&j| {
+                let r = &reqs[j];
+                (r.out_block, r.out_block + r.blocks as usize)
+            }));
+            covered.sort_unstable();
+            let mut pos = start;
+            for (a, b) in covered {
+                if a > pos {
+                    plan.zeros.push((pos, a));
+                }
+                pos = pos.max(b);
+            }
+        }
+        plan
+    }
+}
+
+/// What a read through gaps leaves to do once its I/O is in (see [`ReadPlan`]).
+struct Gaps {
+    plan: ReadPlan,
+    scratch: Option<Arc<AlignedBuf>>,
+}
+
+impl Gaps {
+    /// Copies the fillers over the gaps and zeroes the rest.
+    fn fill(&self, out: &mut AlignedBuf) {
+        if let Some(scratch) = &self.scratch {
+            let mut view = AlignedView(scratch);
+            for &(from, to, n) in &self.plan.copies {
+                for i in 0..n {
+                    out.copy_in((to + i) * BLOCK_SIZE, view.block(from + i));
+                }
+            }
+        }
+        for &(a, b) in &self.plan.zeros {
+            out.zero_range(a * BLOCK_SIZE, (b - a) * BLOCK_SIZE);
+        }
+    }
+}
+
 /// Keeps eviction off a segment for the life of a read (see `Segment::readers`).
 struct ReadPin<'a>(&'a Segment);
 
@@ -1077,6 +1252,166 @@ fn punch_sync(seg: &Segment, offset: u64, len: u64) {
             "punch hole failed: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What block `b` of segment `s` holds in this simulation.
+    fn stored(s: u64, b: u32) -> u64 {
+        (s << 32) | u64::from(b) | 1 << 63
+    }
+
+    /// Runs a plan against simulated segments (pieces land in any order) and returns the
+    /// output blocks.
+    fn execute(reqs: &[ReadReq], plan: &ReadPlan, n: usize, reverse: bool) -> Vec<u64> {
+        let mut out = vec![u64::MAX; n];
+        let mut scratch = vec![u64::MAX; plan.scratch_blocks];
+        let mut pieces = plan.pieces.clone();
+        if reverse {
+            pieces.reverse();
+        }
+        for p in pieces {
+            let seg = reqs[p.req].addr.segment;
+            let dest = if p.into_scratch {
+                &mut scratch
+            } else {
+                &mut out
+            };
+            for i in 0..p.blocks as usize {
+                dest[p.at + i] = stored(seg, p.block + i as u32);
+            }
+        }
+        for &(from, to, k) in &plan.copies {
+            out[to..to + k].copy_from_slice(&scratch[from..from + k]);
+        }
+        for &(a, b) in &plan.zeros {
+            out[a..b].fill(0);
+        }
+        out
+    }
+
+    /// Requests as a volume builds them: output blocks in order, each either unmapped or
+    /// from one of a few segments, near where a sequential layout would put it or anywhere.
+    fn layout() -> impl Strategy<Value = (Vec<ReadReq>, usize)> {
+        prop::collection::vec((0u8..8, 0u64..3, 0u32..600), 1..200).prop_map(|blocks| {
+            let n = blocks.len();
+            let mut reqs: Vec<ReadReq> = Vec::new();
+            for (i, (kind, seg, far)) in blocks.into_iter().enumerate() {
+                let addr = match kind {
+                    0 => continue, // unmapped
+                    1 | 2 => BlockAddr {
+                        segment: seg + 1,
+                        block: far,
+                    },
+                    _ => BlockAddr {
+                        segment: 0,
+                        block: 100 + i as u32,
+                    },
+                };
+                if let Some(l) = reqs.last_mut()
+                    && l.addr.segment == addr.segment
+                    && l.addr.block + l.blocks == addr.block
+                    && l.out_block + l.blocks as usize == i
+                {
+                    l.blocks += 1;
+                    continue;
+                }
+                reqs.push(ReadReq {
+                    addr,
+                    blocks: 1,
+                    out_block: i,
+                });
+            }
+            (reqs, n)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn coalesced_reads_deliver_every_requested_block(
+            (reqs, n) in layout(), gap in 0u32..12, reverse: bool,
+        ) {
+            let plan = ReadPlan::new(&reqs, gap);
+            prop_assert!(plan.pieces.len() <= reqs.len());
+            let out = execute(&reqs, &plan, n, reverse);
+            let mut named = vec![false; n];
+            for r in &reqs {
+                for i in 0..r.blocks as usize {
+                    named[r.out_block + i] = true;
+                    prop_assert_eq!(out[r.out_block + i], stored(r.addr.segment, r.addr.block + i as u32));
+                }
+            }
+            // Blocks no request names are untouched or zero, never another block's data.
+            for (i, o) in out.iter().enumerate() {
+                if !named[i] {
+                    prop_assert!(*o == u64::MAX || *o == 0, "block {} holds {:x}", i, o);
+                }
+            }
+            // No piece reads past what a request bounds (gaps stay within max_gap).
+            for p in &plan.pieces {
+                if !p.into_scratch {
+                    let first = &reqs[p.req];
+                    prop_assert_eq!(p.block, first.addr.block);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequential_run_with_moved_blocks_is_one_read_plus_the_moved_ones() {
+        // Blocks 0..16 at segment 0 blocks 100.., except 3 and 9, moved to segment 7.
+        let mut reqs = Vec::new();
+        let runs = [(0, 3), (4, 5), (10, 6)];
+        for (at, len) in runs {
+            reqs.push(ReadReq {
+                addr: BlockAddr {
+                    segment: 0,
+                    block: 100 + at as u32,
+                },
+                blocks: len,
+                out_block: at,
+            });
+        }
+        reqs.insert(
+            1,
+            ReadReq {
+                addr: BlockAddr {
+                    segment: 7,
+                    block: 40,
+                },
+                blocks: 1,
+                out_block: 3,
+            },
+        );
+        reqs.insert(
+            3,
+            ReadReq {
+                addr: BlockAddr {
+                    segment: 7,
+                    block: 12,
+                },
+                blocks: 1,
+                out_block: 9,
+            },
+        );
+        let plan = ReadPlan::new(&reqs, 8);
+        let direct: Vec<_> = plan.pieces.iter().filter(|p| !p.into_scratch).collect();
+        assert_eq!(direct.len(), 1, "{plan:?}");
+        assert_eq!(
+            (direct[0].block, direct[0].blocks, direct[0].at),
+            (100, 16, 0)
+        );
+        assert_eq!(plan.scratch_blocks, 2);
+        assert!(plan.zeros.is_empty());
+        let out = execute(&reqs, &plan, 16, true);
+        assert_eq!(out[3], stored(7, 40));
+        assert_eq!(out[9], stored(7, 12));
+        assert_eq!(out[15], stored(0, 115));
     }
 }
 

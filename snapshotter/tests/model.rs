@@ -38,6 +38,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => v.clone().prop_map(Op::Create),
         6 => (v.clone(), 0..BLOCKS, 1..6u64).prop_map(|(v, l, n)| Op::Write(v, l, n)),
         2 => (v.clone(), 0..BLOCKS, 1..6u64).prop_map(|(v, l, n)| Op::Zero(v, l, n)),
+        // Long ranges: the commit finds the old versions with a scan, not point lookups.
+        2 => (v.clone(), 0..8u64, 16..25u64).prop_map(|(v, l, n)| Op::Write(v, l, n)),
+        1 => (v.clone(), 0..8u64, 16..25u64).prop_map(|(v, l, n)| Op::Zero(v, l, n)),
         3 => (v.clone(), prop::collection::vec((0..BLOCKS, 1..6u64, prop::bool::weighted(0.3)), 1..6))
             .prop_map(|(v, items)| Op::Group(v, items)),
         3 => v.clone().prop_map(Op::Checkpoint),
