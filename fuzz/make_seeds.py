@@ -81,3 +81,45 @@ put("virtio_blk_request", "discard", virtio([(0, 0, 1)], lim, [(0, 0, 16), (0, 1
     struct.pack("<IIQ", 11, 0, 0) + struct.pack("<QII", 0, 8, 0)))
 put("virtio_blk_request", "flush-getid", virtio([(0, 0, 1)], lim, [(0, 0, 16), (1, 64, 1)],
     struct.pack("<IIQ", 4, 0, 0)))
+
+# api_bodies: first byte = which parser (0-6 REST bodies, 7 runtime frames, 8 management
+# socket requests, 9 names and durations); then the bytes.
+import json
+
+
+def body(sel, obj):
+    return bytes([sel]) + (obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+
+
+def frame(obj):
+    b = json.dumps(obj).encode()
+    return struct.pack(">I", len(b)) + b
+
+
+def http(method, target, payload=b"", chunked=False):
+    head = f"{method} {target} HTTP/1.1\r\nHost: sprite\r\n"
+    if chunked:
+        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + (
+            f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n")
+    return (head + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+put("api_bodies", "org", body(0, {"name": "acme"}))
+put("api_bodies", "token", body(1, {"name": "ci"}))
+put("api_bodies", "sprite", body(2, {"name": "web-1", "url_auth": "public",
+                                     "settings": {"vcpus": 2, "memory_mib": 1024, "idle_warm_secs": 5}}))
+put("api_bodies", "update", body(3, {"settings": {"http_port": 3000, "idle_cold_secs": 60}}))
+put("api_bodies", "hibernate", body(4, {"mode": "cold"}))
+put("api_bodies", "fork", body(5, {"checkpoint": "v3", "name": "copy"}))
+put("api_bodies", "exec", body(6, {"args": ["sh", "-c", "echo hi"], "env": {"A": "1"}, "tty": True,
+                                   "rows": 24, "cols": 80, "stdin": "aGkK"}))
+put("api_bodies", "frames", bytes([7]) + frame({"id": 1, "ev": "ok", "value": {"version": 1}})
+    + frame({"id": 2, "ev": "error", "message": "no", "code": "not_found"})
+    + frame({"id": 3, "op": "exec", "args": ["true"]}))
+put("api_bodies", "task-post", bytes([8]) + http("POST", "/v1/tasks", b'{"name":"t1","expire":"30m"}'))
+put("api_bodies", "task-put", bytes([8]) + http("PUT", "/v1/tasks/t1", b'{"expire":60}', chunked=True))
+put("api_bodies", "task-delete", bytes([8]) + http("DELETE", "/v1/tasks/t1"))
+put("api_bodies", "service-put", bytes([8]) + http("PUT", "/v1/services/web?duration=0",
+    b'{"cmd":"httpd","args":["-f"],"needs":["db"],"http_port":3000}'))
+put("api_bodies", "service-signal", bytes([8]) + http("POST", "/v1/services/web/signal", b'{"signal":"TERM"}'))
+put("api_bodies", "names", bytes([9]) + b"30m")

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[fuzz] %s\n' "$*" >&2; }
 
 secs=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"nbd_server nbd_proto virtio_blk_request chunk_object metadata_records"}
+targets=${FUZZ_TARGETS:-"nbd_server nbd_proto virtio_blk_request chunk_object metadata_records api_bodies"}
 jobs=${FUZZ_JOBS:-1}
 target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
 sanitizer=${FUZZ_SANITIZER:-address}

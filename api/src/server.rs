@@ -97,7 +97,9 @@ impl From<SpriteError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+/// Decodes a JSON request body (empty means `{}`), with the size limit; public for the fuzz
+/// target over request bodies.
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> ApiResult<T> {
     if body.len() > MAX_JSON {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -740,7 +742,7 @@ async fn openapi_h() -> impl IntoResponse {
 
 async fn create_org(State(a): State<App>, h: HeaderMap, body: Bytes) -> ApiResult<Response> {
     admin(&a, &h)?;
-    let req: CreateOrg = parse(&body)?;
+    let req: CreateOrg = parse_body(&body)?;
     let (info, token) = a.cp.create_org(&req.name)?;
     Ok((
         StatusCode::CREATED,
@@ -756,7 +758,7 @@ async fn list_orgs(State(a): State<App>, h: HeaderMap) -> ApiResult<Response> {
 
 async fn create_token(State(a): State<App>, h: HeaderMap, body: Bytes) -> ApiResult<Response> {
     let org = org_of(&a, &h)?;
-    let req: CreateToken = parse(&body)?;
+    let req: CreateToken = parse_body(&body)?;
     let (info, token) = a.cp.create_token(&org, &req.name)?;
     Ok((
         StatusCode::CREATED,
@@ -804,7 +806,7 @@ async fn sprite_json(a: &App, org: &str, row: &SpriteRow, with_storage: bool) ->
 
 async fn create_sprite(State(a): State<App>, h: HeaderMap, body: Bytes) -> ApiResult<Response> {
     let org = org_of(&a, &h)?;
-    let req: CreateSprite = parse(&body)?;
+    let req: CreateSprite = parse_body(&body)?;
     let row = a.cp.add_sprite(
         &org,
         &req.name,
@@ -893,7 +895,7 @@ async fn update_sprite(
     body: Bytes,
 ) -> ApiResult<Response> {
     let (org, mut row) = sprite_row(&a, &h, &name)?;
-    let req: UpdateSprite = parse(&body)?;
+    let req: UpdateSprite = parse_body(&body)?;
     a.m.update_settings(&row.internal, &req.settings).await?;
     if let Some(u) = req.url_auth {
         a.cp.set_url_auth(&org, &name, u.as_str())?;
@@ -923,7 +925,7 @@ async fn exec(
     body: Bytes,
 ) -> ApiResult<Response> {
     let (_, internal) = sprite_of(&a, &h, &name)?;
-    let req: ExecRequest = parse(&body)?;
+    let req: ExecRequest = parse_body(&body)?;
     if req.args.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -1062,7 +1064,7 @@ async fn hibernate(
     body: Bytes,
 ) -> ApiResult<Response> {
     let (org, row) = sprite_row(&a, &h, &name)?;
-    let req: HibernateBody = parse(&body)?;
+    let req: HibernateBody = parse_body(&body)?;
     let mode = req.mode.unwrap_or(Pause::Warm);
     let t = a.m.hibernate(&row.internal, mode, "requested").await?;
     a.metrics.pause(mode);
@@ -1148,7 +1150,7 @@ async fn create_checkpoint(
     body: Bytes,
 ) -> ApiResult<Response> {
     let (_, internal) = sprite_of(&a, &h, &name)?;
-    let req: CheckpointBody = parse(&body)?;
+    let req: CheckpointBody = parse_body(&body)?;
     let t0 = Instant::now();
     let (ck, t) = a.m.checkpoint(&internal, req.comment.as_deref()).await?;
     a.metrics.op("checkpoint", t0.elapsed());
@@ -1232,7 +1234,7 @@ async fn fork(
     body: Bytes,
 ) -> ApiResult<Response> {
     let (org, parent) = sprite_row(&a, &h, &name)?;
-    let req: ForkBody = parse(&body)?;
+    let req: ForkBody = parse_body(&body)?;
     let row = a.cp.add_sprite(&org, &req.name, &parent.url_auth)?;
     let t0 = Instant::now();
     let forked =

@@ -296,10 +296,13 @@ pub fn serve_socket(rt: Arc<Runtime>, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-struct HttpRequest {
-    method: String,
-    target: String,
-    body: Vec<u8>,
+/// One request read from the socket.
+#[derive(Debug)]
+pub struct HttpRequest {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    pub body: Vec<u8>,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -318,12 +321,21 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Reads one request. Errors carry the status to answer with.
-fn read_request(s: &mut UnixStream) -> Result<HttpRequest, ApiError> {
-    let mut r = BufReader::new(s.try_clone().map_err(|e| ApiError::bad(e.to_string()))?);
+/// Parses one request from bytes, as the socket server does (the fuzz target's entry).
+pub fn parse_request(mut bytes: &[u8]) -> Result<HttpRequest, ApiError> {
+    read_request(&mut bytes, || {})
+}
+
+/// Reads one request; `on_continue` answers `Expect: 100-continue`. Errors carry the status
+/// to answer with.
+fn read_request<R: BufRead>(
+    r: &mut R,
+    mut on_continue: impl FnMut(),
+) -> Result<HttpRequest, ApiError> {
     let mut head = Vec::new();
     loop {
-        let n = (&mut r)
+        let n = r
+            .by_ref()
             .take((MAX_HEAD + 1 - head.len()) as u64)
             .read_until(b'\n', &mut head)
             .map_err(|e| ApiError::bad(format!("reading the request: {e}")))?;
@@ -380,13 +392,13 @@ fn read_request(s: &mut UnixStream) -> Result<HttpRequest, ApiError> {
         ));
     }
     if expect_continue {
-        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        on_continue();
     }
     let mut body = Vec::new();
     if chunked {
         loop {
             let mut size_line = String::new();
-            (&mut r)
+            r.by_ref()
                 .take(64)
                 .read_line(&mut size_line)
                 .map_err(|e| ApiError::bad(e.to_string()))?;
@@ -400,7 +412,7 @@ fn read_request(s: &mut UnixStream) -> Result<HttpRequest, ApiError> {
             r.read_exact(&mut body[at..])
                 .map_err(|e| ApiError::bad(e.to_string()))?;
             let mut crlf = String::new();
-            (&mut r)
+            r.by_ref()
                 .take(2)
                 .read_line(&mut crlf)
                 .map_err(|e| ApiError::bad(e.to_string()))?;
@@ -432,7 +444,15 @@ fn write_json(s: &mut UnixStream, status: u16, v: &Value) -> std::io::Result<()>
 
 fn serve_conn(rt: &Arc<Runtime>, mut s: UnixStream) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let req = match read_request(&mut s) {
+    let req = match s
+        .try_clone()
+        .map_err(|e| ApiError::bad(e.to_string()))
+        .and_then(|r| {
+            let mut w = s.try_clone().map_err(|e| ApiError::bad(e.to_string()))?;
+            read_request(&mut BufReader::new(r), || {
+                let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            })
+        }) {
         Ok(r) => r,
         Err(e) => {
             let _ = write_json(&mut s, e.status, &e.to_json());
