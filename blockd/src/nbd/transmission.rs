@@ -365,6 +365,26 @@ where
         if let Some(msg) = reap(&mut handlers) {
             break End::Internal(msg);
         }
+        // Requests already in the read buffer start at once, their disk I/O submitted
+        // together; anything else (a rejection, a write whose payload is still on its way,
+        // no free slot, the end) takes the path below.
+        if !a.is_cancelled() && !b.is_cancelled() && !handler_panicked.is_cancelled() {
+            shared.device.batch(|| {
+                while let Some((req, work, slot)) =
+                    take_buffered(&mut rd, &shared, &request_slots, &byte_budget)
+                {
+                    start_handler(
+                        &mut handlers,
+                        &shared,
+                        req,
+                        work,
+                        slot,
+                        &tx,
+                        &handler_panicked,
+                    );
+                }
+            });
+        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
@@ -458,29 +478,15 @@ where
         } else {
             Work::Other
         };
-        let (reply_tx, panicked) = (tx.clone(), handler_panicked.clone());
-        let structured = params.structured;
-        let work = handle(shared.clone(), req, work, slot, tx.clone());
-        handlers.spawn(async move {
-            use futures::FutureExt;
-            if std::panic::AssertUnwindSafe(work)
-                .catch_unwind()
-                .await
-                .is_err()
-            {
-                // Without a reply the client would wait for this request forever: answer
-                // it, then close the connection (the loop stops reading requests).
-                error!(
-                    handle = req.handle,
-                    "request handler panicked; closing the connection"
-                );
-                let msg = "internal error (request handler panicked)";
-                let _ = reply_tx
-                    .send(Outgoing::error(&req, structured, EIO, msg))
-                    .await;
-                panicked.cancel();
-            }
-        });
+        start_handler(
+            &mut handlers,
+            &shared,
+            req,
+            work,
+            slot,
+            &tx,
+            &handler_panicked,
+        );
     };
 
     // Let in-flight requests finish: without limit for a client-initiated end, within the
@@ -509,6 +515,113 @@ where
         }
     }
     end
+}
+
+/// Takes the next request off the read buffer if it is whole there (header and any
+/// payload), valid, and a slot is free at once; otherwise leaves the buffer as it is.
+fn take_buffered<D, R>(
+    rd: &mut BufReader<R>,
+    shared: &Arc<Shared<D>>,
+    request_slots: &Arc<Semaphore>,
+    byte_budget: &Arc<Semaphore>,
+) -> Option<(Request, Work<D::Buf>, Slot)>
+where
+    D: BlockDevice,
+    R: AsyncRead + Unpin,
+{
+    let buffered = rd.buffer();
+    let hdr: &[u8; REQUEST_HEADER_LEN] = buffered.get(..REQUEST_HEADER_LEN)?.try_into().ok()?;
+    let req = proto::parse_request_header(hdr).ok()?;
+    if !matches!(
+        req.command,
+        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::WriteZeroes
+    ) || validate(&req, &shared.params).is_err()
+    {
+        return None;
+    }
+    let payload = if req.command == Command::Write {
+        req.len as usize
+    } else {
+        0
+    };
+    let data = buffered.get(REQUEST_HEADER_LEN..REQUEST_HEADER_LEN + payload)?;
+    let payload_bytes = match req.command {
+        Command::Read | Command::Write => req.len,
+        _ => 0,
+    };
+    let request = request_slots.clone().try_acquire_owned().ok()?;
+    let bytes_permit = if payload_bytes > 0 {
+        Some(
+            byte_budget
+                .clone()
+                .try_acquire_many_owned(payload_bytes)
+                .ok()?,
+        )
+    } else {
+        None
+    };
+    let work = if req.command == Command::Write {
+        let mut buf = shared.device.alloc_buf(payload);
+        if buf.as_mut().len() != payload {
+            return None; // the slow path reports it
+        }
+        buf.as_mut().copy_from_slice(data);
+        Work::Write(buf)
+    } else {
+        Work::Other
+    };
+    tokio::io::AsyncBufRead::consume(std::pin::Pin::new(&mut *rd), REQUEST_HEADER_LEN + payload);
+    shared.stats.request(req.command);
+    shared.stats.in_flight_add(u64::from(payload_bytes));
+    let slot = Slot {
+        _request: request,
+        _bytes: bytes_permit,
+        bytes: u64::from(payload_bytes),
+        stats: shared.stats.clone(),
+    };
+    Some((req, work, slot))
+}
+
+/// Starts a request's handler: polled once right here (so it reaches the device, and with
+/// a batch open its disk I/O joins the batch), then, unless it is done, a task of the
+/// connection (its next poll registers the task's waker, so no wake-up is lost). A handler
+/// that panics answers EIO and closes the connection.
+fn start_handler<D: BlockDevice>(
+    handlers: &mut JoinSet<()>,
+    shared: &Arc<Shared<D>>,
+    req: Request,
+    work: Work<D::Buf>,
+    slot: Slot,
+    tx: &mpsc::Sender<Outgoing<D::Buf>>,
+    panicked: &CancellationToken,
+) {
+    let (reply_tx, panicked) = (tx.clone(), panicked.clone());
+    let structured = shared.params.structured;
+    let work = handle(shared.clone(), req, work, slot, tx.clone());
+    let mut task = Box::pin(async move {
+        use futures::FutureExt;
+        if std::panic::AssertUnwindSafe(work)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            // Without a reply the client would wait for this request forever: answer
+            // it, then close the connection (the loop stops reading requests).
+            error!(
+                handle = req.handle,
+                "request handler panicked; closing the connection"
+            );
+            let msg = "internal error (request handler panicked)";
+            let _ = reply_tx
+                .send(Outgoing::error(&req, structured, EIO, msg))
+                .await;
+            panicked.cancel();
+        }
+    });
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if task.as_mut().poll(&mut cx).is_pending() {
+        handlers.spawn(task);
+    }
 }
 
 async fn write_replies<W, B>(
