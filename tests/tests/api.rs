@@ -798,7 +798,7 @@ fn services_and_tasks_in_a_sprite() {
         "sprite-env services create first --cmd sh --args '-c,echo first >> /root/order; exec sleep 100000' --no-stream",
     );
     sh(
-        "sprite-env services create second --cmd sh --args '-c,sleep 1; echo second >> /root/order; exec sleep 100000' --needs first --no-stream",
+        "sprite-env services create second --cmd sh --args '-c,sleep 3; echo second >> /root/order; exec sleep 100000' --needs first --no-stream",
     );
     sh("sprite-env services create crash --cmd sh --args '-c,echo dying; exit 1' --no-stream");
     sh("sprite-env services create sticky --cmd sleep --args 100000 --no-stream");
@@ -946,7 +946,7 @@ fn services_and_tasks_in_a_sprite() {
         json!({"settings": {"idle_warm_secs": 2}}),
     );
     assert_eq!(s, 200);
-    sh("sprite-env tasks create job --expire 12");
+    sh("sprite-env tasks create job --expire 20");
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(
@@ -963,7 +963,7 @@ fn services_and_tasks_in_a_sprite() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(
-        t0.elapsed() >= Duration::from_secs(12),
+        t0.elapsed() >= Duration::from_secs(18),
         "paused before the task expired"
     );
     // ... or once it is deleted.
