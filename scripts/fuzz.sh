@@ -40,16 +40,8 @@ else
 fi
 
 # RocksDB's C++ takes ~10 min to build: reuse the library the workspace build produced.
-if [ -z "${ROCKSDB_LIB_DIR:-}" ]; then
-  lib=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -n1 || true)
-  if [ -n "$lib" ]; then
-    # Absolute: librocksdb-sys hands it to rustc as a link-search path, and rustc runs in
-    # the crate's own directory, where a relative path does not resolve (CI failed so).
-    ROCKSDB_LIB_DIR=$(cd "$(dirname "$lib")" && pwd)
-    export ROCKSDB_LIB_DIR ROCKSDB_STATIC=1
-    log "reusing $lib"
-  fi
-fi
+. scripts/rocksdb-lib.sh
+reuse_rocksdb_lib >&2
 
 opts=(--fuzz-dir fuzz --target-dir "$target_dir" -s "$sanitizer")
 start=$(date +%s)

@@ -21,17 +21,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# `cargo clippy` (check mode) and `cargo build` give librocksdb-sys's build script different
-# hashes (build dependencies are shared with the target's units only in a full build), so
-# each would compile RocksDB's C++ (~8 min on 2 cores). Link the library the first one built.
-if [ -z "${ROCKSDB_LIB_DIR:-}" ]; then
-  lib=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -n1 || true)
-  if [ -n "$lib" ]; then
-    ROCKSDB_LIB_DIR=$(cd "$(dirname "$lib")" && pwd)
-    export ROCKSDB_LIB_DIR ROCKSDB_STATIC=1
-    echo "reusing $lib"
-  fi
-fi
+# Link the librocksdb.a clippy built instead of compiling RocksDB a second time.
+. scripts/rocksdb-lib.sh
+reuse_rocksdb_lib
 
 step "build (debug, all targets: the end-to-end tests run the binaries)"
 cargo build --workspace --all-targets --locked

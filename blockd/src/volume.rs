@@ -101,20 +101,7 @@ impl Volume {
                 continue;
             };
             expected[i] = crc;
-            let addr = block_addr(phys);
-            if let Some(last) = reqs.last_mut()
-                && last.addr.segment == addr.segment
-                && last.addr.block + last.blocks == addr.block
-                && last.out_block + last.blocks as usize == i
-            {
-                last.blocks += 1;
-                continue;
-            }
-            reqs.push(ReadReq {
-                addr,
-                blocks: 1,
-                out_block: i,
-            });
+            ReadReq::push_block(&mut reqs, block_addr(phys), i);
         }
         // Every block is either read from disk or zero-filled here, so a recycled buffer
         // never shows earlier contents.

@@ -259,6 +259,26 @@ pub struct ReadReq {
     pub out_block: usize,
 }
 
+impl ReadReq {
+    /// Adds output block `out_block`, stored at `addr`, to a plan built block by block:
+    /// it extends the last read when it continues it on disk and in the output.
+    pub fn push_block(reqs: &mut Vec<ReadReq>, addr: BlockAddr, out_block: usize) {
+        if let Some(l) = reqs.last_mut()
+            && l.addr.segment == addr.segment
+            && l.addr.block + l.blocks == addr.block
+            && l.out_block + l.blocks as usize == out_block
+        {
+            l.blocks += 1;
+            return;
+        }
+        reqs.push(ReadReq {
+            addr,
+            blocks: 1,
+            out_block,
+        });
+    }
+}
+
 impl LocalStore {
     /// Opens (creating if needed) the segment directory. Existing segments are sealed;
     /// appends go to a new one.
@@ -1313,19 +1333,7 @@ mod plan_tests {
                         block: 100 + i as u32,
                     },
                 };
-                if let Some(l) = reqs.last_mut()
-                    && l.addr.segment == addr.segment
-                    && l.addr.block + l.blocks == addr.block
-                    && l.out_block + l.blocks as usize == i
-                {
-                    l.blocks += 1;
-                    continue;
-                }
-                reqs.push(ReadReq {
-                    addr,
-                    blocks: 1,
-                    out_block: i,
-                });
+                ReadReq::push_block(&mut reqs, addr, i);
             }
             (reqs, n)
         })
