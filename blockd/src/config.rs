@@ -160,6 +160,9 @@ pub struct StorageConfig {
     pub metadata_cache: u64,
     /// Flatten a timeline when reads would visit more timelines than this.
     pub max_read_depth: usize,
+    /// Rewrite a range in block order when a large read finds it fragmented (scattered by
+    /// random overwrites), so the next sequential read of it is one disk read.
+    pub defrag_on_read: bool,
 }
 
 impl Default for Config {
@@ -194,6 +197,7 @@ impl Default for StorageConfig {
             ring_entries: 256,
             metadata_cache: 256 << 20,
             max_read_depth: 4,
+            defrag_on_read: true,
         }
     }
 }
@@ -380,6 +384,7 @@ impl Config {
         e.local.ring_entries = self.storage.ring_entries;
         e.meta_cache_bytes = self.storage.metadata_cache as usize;
         e.max_read_depth = self.storage.max_read_depth;
+        e.defrag_on_read = self.storage.defrag_on_read;
         Ok(e)
     }
 }

@@ -19,6 +19,8 @@ pub struct Core {
     pub flushes: FlushGate,
     /// Volumes another daemon took over (lease lost): writes are refused.
     pub fenced: parking_lot::RwLock<std::collections::HashSet<String>>,
+    /// Defragmentation on read (see [`crate::defrag`]).
+    pub defrag: crate::defrag::Defrag,
 }
 
 /// Group flush: concurrent FLUSH/FUA requests share one sync, as long as that sync started

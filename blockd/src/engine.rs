@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub detach_timeout: Duration,
     /// The object-store tier (none: local only).
     pub remote: Option<crate::objects::RemoteSetup>,
+    /// Rewrite fragmented ranges in block order when they are read (see [`crate::defrag`]).
+    pub defrag_on_read: bool,
 }
 
 impl EngineConfig {
@@ -52,6 +54,7 @@ impl EngineConfig {
             max_read_depth: 4,
             detach_timeout: Duration::from_secs(30),
             remote: None,
+            defrag_on_read: true,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Engine {
             last_flush: Mutex::new(Instant::now()),
             flushes: Default::default(),
             fenced: Default::default(),
+            defrag: crate::defrag::Defrag::new(cfg.defrag_on_read),
         });
         Ok(Arc::new(Engine {
             core,
@@ -560,6 +564,7 @@ impl Engine {
 
     /// Flushes and finishes reclamation (clean shutdown).
     pub async fn shutdown(&self) -> Result<(), EngineError> {
+        self.core.defrag.idle().await;
         self.core.flush().await?;
         self.background_round().await?;
         self.core.flush().await?;

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod defrag;
 pub mod engine;
 pub mod error;
 pub mod manifest;

@@ -175,6 +175,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     engine.core.metrics.register(&mut registry);
+    engine.core.defrag.register(&mut registry);
     if let Some(v) = &vhost {
         registry.register_collector(Box::new(VhostCollector { stats: v.stats() }));
     }

@@ -81,6 +81,15 @@ impl Volume {
         check_range(offset, len, self.size_bytes)
     }
 
+    /// May this attachment move the volume's blocks (defragmentation)? Not when it may not
+    /// write, or another daemon took the volume over.
+    fn may_relocate(&self) -> bool {
+        self.core.defrag.enabled()
+            && !self.read_only
+            && !self.handle.is_deleted()
+            && !self.core.fenced.read().contains(self.name())
+    }
+
     fn check_len(len: u64) -> Result<(), DeviceError> {
         if len > MAX_IO_BYTES {
             return Err(DeviceError::Invalid(format!(
@@ -119,6 +128,9 @@ impl Volume {
             tracing::error!(volume = self.name(), "read failed: {e}");
             to_device_error(e)
         })?;
+        if crate::defrag::fragmented(n, reqs.len()) && self.may_relocate() {
+            crate::defrag::spawn(&self.core, &self.handle, lba0, &maps, &out);
+        }
         Ok(out)
     }
 

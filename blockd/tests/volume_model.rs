@@ -1,6 +1,7 @@
 //! Model-based property test of `Volume` (real io_uring segments, real RocksDB): random
 //! sequences of 512-byte-aligned writes (partial blocks included), discards, write-zeroes,
-//! flushes, checkpoints, restores, clones, checkpoint and volume deletes, background GC and
+//! flushes, checkpoints, restores, clones, checkpoint and volume deletes, large reads that
+//! relocate fragmented ranges in the background (blockd::defrag), background GC and
 //! reclamation, and crash-reopen (the engine dropped without a flush), checked after every
 //! step against a byte-exact in-memory model.
 //!
@@ -43,6 +44,20 @@ enum Op {
     Clone(usize, usize),
     DeleteCheckpoint(usize, usize),
     DeleteVolume(usize),
+    /// Overwrites every other block of a 40-block range, one request each: the range is
+    /// fragmented on disk afterwards.
+    Scatter {
+        v: usize,
+        block: u64,
+        seed: u8,
+    },
+    /// A large read (fragmented ranges get relocated in the background while later
+    /// operations run).
+    ReadLarge {
+        v: usize,
+        block: u64,
+        blocks: u64,
+    },
     Background,
     Crash,
 }
@@ -70,6 +85,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (v.clone(), 0..6usize).prop_map(|(v, c)| Op::Clone(v, c)),
         1 => (v.clone(), 0..6usize).prop_map(|(v, c)| Op::DeleteCheckpoint(v, c)),
         1 => v.clone().prop_map(Op::DeleteVolume),
+        1 => (v.clone(), 0..SIZE / 4096 - 40, any::<u8>()).prop_map(|(v, block, seed)| Op::Scatter { v, block, seed }),
+        3 => (v.clone(), 0..SIZE / 4096, 32..72u64).prop_map(|(v, block, blocks)| Op::ReadLarge { v, block, blocks }),
         2 => Just(Op::Background),
         1 => Just(Op::Crash),
     ]
@@ -257,7 +274,33 @@ impl Harness {
                 }
                 self.e().background_round().await.unwrap();
             }
+            Op::Scatter { v, block, seed } => {
+                let name = NAMES[v];
+                if !self.model.contains_key(name) {
+                    return;
+                }
+                let vol = self.e().volume(name).unwrap();
+                for b in (block..block + 40).step_by(2) {
+                    let data = pattern(seed, b * 4096, 4096);
+                    let mut buf = vol.alloc_buf(4096);
+                    buf.as_mut().copy_from_slice(&data);
+                    vol.write(b * 4096, buf, false).await.unwrap();
+                    let m = self.model.get_mut(name).unwrap();
+                    m.data[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&data);
+                }
+            }
+            Op::ReadLarge { v, block, blocks } => {
+                let name = NAMES[v];
+                let Some(m) = self.model.get(name) else { return };
+                let off = block * 4096;
+                let len = (blocks * 4096).min(SIZE - off);
+                let got = self.e().volume(name).unwrap().read(off, len as usize).await.unwrap();
+                assert_eq!(got.as_ref(), &m.data[off as usize..(off + len) as usize]);
+            }
             Op::Crash => {
+                // A relocation task holds the engine open: let it finish (a real crash
+                // loses it, which the kill -9 tests cover).
+                self.e().core.defrag.idle().await;
                 self.engine = None; // no flush, no shutdown
                 self.engine = Some(Engine::open(config(self.dir.path())).unwrap());
             }
@@ -282,6 +325,7 @@ proptest! {
                 h.check().await;
             }
             // Delete everything: all space must come back.
+            h.e().core.defrag.idle().await;
             for name in NAMES {
                 if h.model.remove(name).is_some() {
                     h.e().delete_volume(name, false).await.unwrap();

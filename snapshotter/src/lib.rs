@@ -37,7 +37,7 @@ pub use export::{
 pub use ids::{BLOCK_SIZE, CheckpointId, Lba, PhysBlock, Seq, TimelineId, VolumeId};
 pub use map::{Found, Mapping};
 pub use records::{BranchPoint, CheckpointKind, CheckpointRecord, TimelineRecord, VolumeRecord};
-pub use volume::{BlockUpdate, Commit, VolumeHandle, VolumeInfo};
+pub use volume::{BlockUpdate, Commit, Relocated, Relocation, VolumeHandle, VolumeInfo};
 
 /// Decoders for untrusted on-disk bytes, exposed for fuzzing.
 /// Decoders of stored bytes, public for the fuzz targets (`fuzz/`).

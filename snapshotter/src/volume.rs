@@ -280,6 +280,27 @@ pub struct VolumeHandle {
     vol: Arc<VolumeState>,
 }
 
+/// One block for [`VolumeHandle::relocate`]: block `lba`, stored at `from` with crc32c `crc`,
+/// has an identical copy at `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relocation {
+    pub lba: u64,
+    pub from: PhysBlock,
+    pub to: PhysBlock,
+    pub crc: u32,
+}
+
+/// What [`VolumeHandle::relocate`] did.
+#[derive(Debug, Default)]
+pub struct Relocated {
+    /// Blocks that now point at their new address.
+    pub moved: usize,
+    /// The old addresses of the moved blocks (reclaim them as usual).
+    pub released: Released,
+    /// New addresses nothing references (the block changed or is shared): free them.
+    pub rejected: Vec<PhysBlock>,
+}
+
 /// What one block of a commit becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockUpdate {
@@ -504,6 +525,74 @@ impl VolumeHandle {
                 c.released.empty_groups = empty;
             }
             return Ok(commits);
+        }
+    }
+
+    /// Moves blocks to new addresses holding identical bytes (defragmentation): for each
+    /// [`Relocation`], if the head still maps `lba` to `from` (same crc) through a version
+    /// of its own timeline that no checkpoint or clone sees, the version now points at `to`
+    /// (same seq: readers and accounting see no change) and `from` is released. Versions
+    /// a checkpoint or clone sees are left alone (a flattened clone may hold a copy of their
+    /// address), and so is a block a write changed since the caller read it. One batch.
+    ///
+    /// The caller must make the bytes at `to` durable before calling (the new mapping may
+    /// reach disk with any later metadata write), and release the `to` of every rejected
+    /// move.
+    pub fn relocate(&self, moves: &[Relocation]) -> Result<Relocated> {
+        for m in moves {
+            self.check(m.lba, 1)?;
+        }
+        let inner = &self.inner;
+        loop {
+            let head = self.vol.head();
+            let tm = head.m.lock();
+            if self.vol.is_deleted() {
+                return Err(Error::VolumeNotFound(self.vol.name.clone()));
+            }
+            if !tm.is_head {
+                continue; // a restore moved the head
+            }
+            let keys: Vec<[u8; 24]> = moves.iter().map(|m| head_key(head.id, Lba(m.lba))).collect();
+            let got = inner
+                .db
+                .batched_multi_get_cf(cf(&inner.db, CF_MAP), &keys, false);
+            let map = cf(&inner.db, CF_MAP);
+            let mut b = WriteBatch::default();
+            let mut groups: HashMap<u64, i64> = HashMap::new();
+            let mut out = Relocated::default();
+            for ((m, key), r) in moves.iter().zip(&keys).zip(got) {
+                let cur = match r? {
+                    Some(v) => Some(Version::decode(crate::codec::HEAD_SLOT, &v)?),
+                    None => None,
+                };
+                let movable = cur.filter(|v| {
+                    v.value == MapValue::Owned { phys: m.from, crc: m.crc }
+                        && tm.retention.range(v.seq..).next().is_none()
+                });
+                let Some(v) = movable else {
+                    out.rejected.push(m.to);
+                    continue;
+                };
+                let new = Version {
+                    seq: v.seq,
+                    value: MapValue::Owned { phys: m.to, crc: m.crc },
+                };
+                b.put_cf(map, key, new.encode_head());
+                *groups.entry(m.to.group).or_insert(0) += 1;
+                *groups.entry(m.from.group).or_insert(0) -= 1;
+                out.released.blocks.push(m.from);
+                out.moved += 1;
+            }
+            if out.moved == 0 {
+                return Ok(out);
+            }
+            inner.put_group_merges(&mut b, &groups);
+            fail::fail_point!("snapshotter::relocate::before_write", |_| Err(
+                Error::Injected("snapshotter::relocate::before_write")
+            ));
+            db::write(&inner.db, b, false)?;
+            out.released.empty_groups = inner.apply_groups(&groups);
+            return Ok(out);
         }
     }
 

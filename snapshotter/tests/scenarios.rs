@@ -371,3 +371,81 @@ fn export_import_reproduces_head_and_checkpoints() {
     let live: i64 = b.s().group_refs().values().sum();
     assert_eq!(live, 0, "importing and deleting leaves no references");
 }
+
+#[test]
+fn relocation_moves_unshared_blocks_and_keeps_everything_else() {
+    use snapshotter::Relocation;
+    let mut e = Env::new();
+    e.s().create_volume("v", 1 << 20).unwrap();
+    let old = e.write("v", 0, 4);
+    let crcs = e.read("v", 0, 4);
+    let h = e.s().volume("v").unwrap();
+    let before = e.s().stat("v").unwrap();
+    let to = |i: u32| PhysBlock {
+        group: 5000,
+        index: i,
+    };
+    let mv = |lba: u64, i: u32| Relocation {
+        lba,
+        from: old[lba as usize],
+        to: to(i),
+        crc: crcs[lba as usize].unwrap(),
+    };
+    // Block 1 was overwritten since it was read: its move is refused.
+    e.write("v", 1, 1);
+    let r = h.relocate(&[mv(0, 0), mv(1, 1)]).unwrap();
+    assert_eq!(r.moved, 1);
+    assert_eq!(r.rejected, vec![to(1)]);
+    assert_eq!(r.released.blocks, vec![old[0]]);
+    let found = h.lookup_found(0, 1).unwrap()[0].unwrap();
+    assert_eq!(
+        found.mapping(),
+        Mapping::Data {
+            phys: to(0),
+            crc: crcs[0].unwrap()
+        }
+    );
+    assert_eq!(e.s().group_ref(5000), 1);
+    // A stale `from` (the block already moved) or a wrong crc is refused too.
+    let r = h.relocate(&[mv(0, 2)]).unwrap();
+    assert_eq!((r.moved, r.rejected.clone()), (0, vec![to(2)]));
+    let mut bad = mv(2, 3);
+    bad.crc ^= 1;
+    assert_eq!(h.relocate(&[bad]).unwrap().moved, 0);
+    // Accounting is unchanged: the same bytes, somewhere else.
+    let after = e.s().stat("v").unwrap();
+    assert_eq!(after.head_bytes, before.head_bytes);
+    assert_eq!(after.owned_bytes, before.owned_bytes);
+    assert_eq!(after.checkpoint_only_bytes, 0);
+    // A checkpoint sees block 2: it stays where it is (a clone may copy its address).
+    let cp = e.s().create_checkpoint("v", "").unwrap();
+    let r = h.relocate(&[mv(2, 4)]).unwrap();
+    assert_eq!(r.moved, 0);
+    e.s().delete_checkpoint("v", cp.id).unwrap();
+    e.s().run_all_background_work().unwrap();
+    assert_eq!(h.relocate(&[mv(2, 5)]).unwrap().moved, 1);
+    // Out of range is an error, not a silent no-op.
+    let mut far = mv(3, 6);
+    far.lba = 1 << 30;
+    assert!(h.relocate(&[far]).is_err());
+    // Durable: the moved addresses survive a reopen, data reads the same.
+    drop(h);
+    e.reopen();
+    assert_eq!(e.read("v", 0, 4)[0], crcs[0]);
+    assert_eq!(e.read("v", 0, 4)[2], crcs[2]);
+    assert_eq!(e.s().group_ref(5000), 2);
+    let got: Vec<PhysBlock> = e
+        .s()
+        .volume("v")
+        .unwrap()
+        .lookup(0, 3)
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            Mapping::Data { phys, .. } => Some(phys),
+            Mapping::Zero => None,
+        })
+        .collect();
+    assert_eq!(got[0], to(0));
+    assert_eq!(got[2], to(5));
+}
