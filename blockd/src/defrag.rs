@@ -20,16 +20,16 @@
 //!   beyond that are served without relocating.
 //! - Off for read-only attachments, fenced volumes and with `storage.defrag_on_read = false`.
 //!
-//! Metrics: `blockd_defrag_bytes_total{result="moved"|"kept"}` (docs/metrics.md).
+//! Metrics: `blockd_defrag_bytes_total{result="moved"|"kept"|"busy"}` (docs/metrics.md).
 
 use crate::core::Core;
 use chunkstore::{AlignedBuf, BLOCK_SIZE};
-use snapshotter::{Mapping, Relocation, Released, VolumeHandle};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use snapshotter::{Mapping, Released, Relocation, VolumeHandle};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Reads shorter than this (128 KiB) never trigger a relocation.
 pub const MIN_READ_BLOCKS: usize = 32;
@@ -48,6 +48,7 @@ pub struct Defrag {
     family: Family<ResultLabels, Counter>,
     moved: Counter,
     kept: Counter,
+    busy: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,13 +82,14 @@ impl Defrag {
                 .get_or_create(&ResultLabels { result: r.into() })
                 .clone()
         };
-        let (moved, kept) = (get("moved"), get("kept"));
+        let (moved, kept, busy) = (get("moved"), get("kept"), get("busy"));
         Defrag {
             enabled,
             inflight: Arc::default(),
             family,
             moved,
             kept,
+            busy,
         }
     }
 
@@ -98,7 +100,7 @@ impl Defrag {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "blockd_defrag_bytes",
-            "Bytes defragmentation on read rewrote in block order (moved), or copied and freed again because the block changed or a checkpoint sees it (kept)",
+            "Bytes defragmentation on read rewrote in block order (moved), copied and freed again because the block changed or a checkpoint sees it (kept), or left fragmented because too much relocation was in flight (busy)",
             self.family.clone(),
         );
     }
@@ -114,6 +116,11 @@ impl Defrag {
     /// (moved, kept) bytes so far.
     pub fn totals(&self) -> (u64, u64) {
         (self.moved.get(), self.kept.get())
+    }
+
+    /// Bytes of fragmented reads not relocated because the daemon was busy relocating.
+    pub fn busy_bytes(&self) -> u64 {
+        self.busy.get()
     }
 
     fn reserve(&self, bytes: u64) -> Option<Reservation> {
@@ -152,7 +159,9 @@ pub(crate) fn spawn(
     }
     let bytes = (picked.len() * BLOCK_SIZE) as u64;
     let Some(reservation) = core.defrag.reserve(bytes) else {
-        return; // busy: the range stays as it is until a later read
+        // Busy: the range stays as it is until a later read.
+        core.defrag.busy.inc_by(bytes);
+        return;
     };
     let mut buf = AlignedBuf::for_overwrite(picked.len() * BLOCK_SIZE);
     {
@@ -168,7 +177,10 @@ pub(crate) fn spawn(
     rt.spawn(async move {
         let _reservation = reservation;
         if let Err(e) = relocate(&core, &handle, lba0, &picked, buf).await {
-            tracing::warn!(volume = handle.name(), "defragmentation skipped a range: {e}");
+            tracing::warn!(
+                volume = handle.name(),
+                "defragmentation skipped a range: {e}"
+            );
         }
     });
 }
@@ -181,13 +193,11 @@ async fn relocate(
     buf: AlignedBuf,
 ) -> Result<(), crate::error::EngineError> {
     let n = picked.len();
-    let appended = core
+    let whole = 0..n;
+    let a = core
         .local
-        .append_many(handle.stream(), vec![(Arc::new(buf), vec![0..n])])
+        .append_ranges(handle.stream(), Arc::new(buf), std::slice::from_ref(&whole))
         .await?;
-    let Some(a) = appended.first() else {
-        return Ok(());
-    };
     let to: Vec<snapshotter::PhysBlock> = a.addrs().map(crate::volume::phys_block).collect();
     // The copies must be on stable storage before the map may point at them.
     let synced = core.local.sync().await;
@@ -218,7 +228,7 @@ async fn relocate(
                 blocks: to,
                 empty_groups: Vec::new(),
             });
-            drop(appended);
+            drop(a);
             core.defrag.kept.inc_by((n * BLOCK_SIZE) as u64);
             return Err(e);
         }
@@ -230,9 +240,11 @@ async fn relocate(
             empty_groups: Vec::new(),
         });
     }
-    drop(appended); // referenced now: the segment may seal and go idle
+    drop(a); // referenced now: the segment may seal and go idle
     core.defrag.moved.inc_by((moved * BLOCK_SIZE) as u64);
-    core.defrag.kept.inc_by((rejected.len() * BLOCK_SIZE) as u64);
+    core.defrag
+        .kept
+        .inc_by((rejected.len() * BLOCK_SIZE) as u64);
     Ok(())
 }
 

@@ -565,6 +565,15 @@ impl Engine {
     /// Flushes and finishes reclamation (clean shutdown).
     pub async fn shutdown(&self) -> Result<(), EngineError> {
         self.core.defrag.idle().await;
+        let (moved, kept) = self.core.defrag.totals();
+        if moved + kept > 0 {
+            tracing::info!(
+                "defragmentation on read moved {} MiB, kept {} MiB in place, skipped {} MiB (busy)",
+                moved >> 20,
+                kept >> 20,
+                self.core.defrag.busy_bytes() >> 20
+            );
+        }
         self.core.flush().await?;
         self.background_round().await?;
         self.core.flush().await?;

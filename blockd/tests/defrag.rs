@@ -73,7 +73,10 @@ async fn fragmented_range_is_rewritten_in_order_by_a_large_read() {
     e.create_volume("v", BLOCKS * BS).unwrap();
     let vol = e.volume("v").unwrap();
     let expect = scatter(&vol).await;
-    assert!(runs(&e, "v") >= BLOCKS as usize / 2, "the range is scattered");
+    assert!(
+        runs(&e, "v") >= BLOCKS as usize / 2,
+        "the range is scattered"
+    );
     let before = e.stat("v").unwrap();
 
     // Small reads never relocate.

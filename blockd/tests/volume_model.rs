@@ -291,10 +291,18 @@ impl Harness {
             }
             Op::ReadLarge { v, block, blocks } => {
                 let name = NAMES[v];
-                let Some(m) = self.model.get(name) else { return };
+                let Some(m) = self.model.get(name) else {
+                    return;
+                };
                 let off = block * 4096;
                 let len = (blocks * 4096).min(SIZE - off);
-                let got = self.e().volume(name).unwrap().read(off, len as usize).await.unwrap();
+                let got = self
+                    .e()
+                    .volume(name)
+                    .unwrap()
+                    .read(off, len as usize)
+                    .await
+                    .unwrap();
                 assert_eq!(got.as_ref(), &m.data[off as usize..(off + len) as usize]);
             }
             Op::Crash => {

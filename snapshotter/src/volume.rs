@@ -552,7 +552,10 @@ impl VolumeHandle {
             if !tm.is_head {
                 continue; // a restore moved the head
             }
-            let keys: Vec<[u8; 24]> = moves.iter().map(|m| head_key(head.id, Lba(m.lba))).collect();
+            let keys: Vec<[u8; 24]> = moves
+                .iter()
+                .map(|m| head_key(head.id, Lba(m.lba)))
+                .collect();
             let got = inner
                 .db
                 .batched_multi_get_cf(cf(&inner.db, CF_MAP), &keys, false);
@@ -566,7 +569,11 @@ impl VolumeHandle {
                     None => None,
                 };
                 let movable = cur.filter(|v| {
-                    v.value == MapValue::Owned { phys: m.from, crc: m.crc }
+                    v.value
+                        == MapValue::Owned {
+                            phys: m.from,
+                            crc: m.crc,
+                        }
                         && tm.retention.range(v.seq..).next().is_none()
                 });
                 let Some(v) = movable else {
@@ -575,7 +582,10 @@ impl VolumeHandle {
                 };
                 let new = Version {
                     seq: v.seq,
-                    value: MapValue::Owned { phys: m.to, crc: m.crc },
+                    value: MapValue::Owned {
+                        phys: m.to,
+                        crc: m.crc,
+                    },
                 };
                 b.put_cf(map, key, new.encode_head());
                 *groups.entry(m.to.group).or_insert(0) += 1;

@@ -100,6 +100,7 @@ enum Step {
     Discard,
     CreateVolume,
     DeleteVolume,
+    Relocate,
 }
 
 /// Failpoints around every commit step, and the operation that reaches each.
@@ -118,6 +119,7 @@ const SCENARIOS: &[(&str, Step)] = &[
     ("chunkstore::punch", Step::Discard),
     ("snapshotter::create_volume", Step::CreateVolume),
     ("snapshotter::delete_volume", Step::DeleteVolume),
+    ("snapshotter::relocate::before_write", Step::Relocate),
 ];
 
 #[test]
@@ -138,6 +140,19 @@ fn abort_at_every_failpoint_recovers() {
             // keeps the middle timeline alive.
             d.cli_ok(&["checkpoint", "restore", "v", "v1"]);
             d.cli_ok(&["checkpoint", "restore", "v", "v1"]);
+        }
+        if matches!(step, Step::Relocate) {
+            // 4M..5M written, then every other block overwritten one request at a time:
+            // fragmented, flushed; a 1 MiB read of it relocates it.
+            let mut cmds = vec!["write -P 0x0c 4M 1M".to_string()];
+            cmds.extend(
+                (0..256)
+                    .step_by(2)
+                    .map(|b| format!("write -P 0x0c {} 4k", (4 << 20) + b * 4096)),
+            );
+            cmds.push("flush".into());
+            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            qemu_io_ok(&d.uri("v"), &refs);
         }
         d.stop();
         let fps = format!("{fp}=panic");
@@ -176,6 +191,9 @@ fn abort_at_every_failpoint_recovers() {
             Step::DeleteVolume => {
                 d.cli(&["volume", "delete", "v"]);
             }
+            Step::Relocate => {
+                qemu_io(&uri, &["read -P 0x0c 4M 1M"]);
+            }
         }
         let status = d.wait_exit(Duration::from_secs(20));
         assert!(
@@ -207,6 +225,7 @@ fn abort_at_every_failpoint_recovers() {
                 {
                     &[0, 0x0c]
                 }
+                (Step::Relocate, o) if (4 << 20..5 << 20).contains(&o) => &[0x0c],
                 (Step::DeleteCheckpoint, o) if o < 2 << 20 => &[0x0b],
                 (Step::Discard, o) if o < 2 << 20 => &[0, 0x0b],
                 (_, o) if o < 4 << 20 => &[0x0a],

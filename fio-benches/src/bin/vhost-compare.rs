@@ -37,6 +37,7 @@
 //! | seqread-1m-qd8 | 1 MiB sequential reads (a region per queue), on the filled disk | 8 |
 //! | randwrite-4k-qd32 | 4 KiB random writes | 32 |
 //! | seqread-1m-qd8-aged | the same sequential reads after the random writes | 8 |
+//! | seqread-1m-qd8-reread | the same sequential reads once more (blockd: after its reads defragmented the layout) | 8 |
 //! | seqwrite-1m-qd8 | 1 MiB sequential writes | 8 |
 //!
 //! Jobs run in this order, like the NBD harness's: the aged row shows what random
@@ -83,7 +84,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "randread-4k-qd32,randread-4k-qd1,seqread-1m-qd8,randwrite-4k-qd32,seqread-1m-qd8-aged,seqwrite-1m-qd8"
+        default_value = "randread-4k-qd32,randread-4k-qd1,seqread-1m-qd8,randwrite-4k-qd32,seqread-1m-qd8-aged,seqread-1m-qd8-reread,seqwrite-1m-qd8"
     )]
     jobs: Vec<String>,
     /// blockd binary (default: <workspace>/target/release/blockd).
@@ -119,7 +120,7 @@ struct Job {
 /// In the order they run (the NBD harness's order): reads on the sequentially filled disk
 /// first, then the random writes, then the sequential read again on the layout the random
 /// writes aged (blockd's log-structured cost), then the sequential writes.
-const JOBS: [Job; 6] = [
+const JOBS: [Job; 7] = [
     Job {
         name: "randread-4k-qd32",
         block: 4096,
@@ -154,6 +155,14 @@ const JOBS: [Job; 6] = [
     },
     Job {
         name: "seqread-1m-qd8-aged",
+        block: 1 << 20,
+        depth: 8,
+        write: false,
+        random: false,
+        all_queues: true,
+    },
+    Job {
+        name: "seqread-1m-qd8-reread",
         block: 1 << 20,
         depth: 8,
         write: false,
