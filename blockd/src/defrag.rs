@@ -175,13 +175,17 @@ pub(crate) fn spawn(
     let core = core.clone();
     let handle = handle.clone();
     rt.spawn(async move {
-        let _reservation = reservation;
         if let Err(e) = relocate(&core, &handle, lba0, &picked, buf).await {
             tracing::warn!(
                 volume = handle.name(),
                 "defragmentation skipped a range: {e}"
             );
         }
+        // Release the engine before the reservation: once `idle()` sees nothing in
+        // flight, no task holds the metadata database open.
+        drop(handle);
+        drop(core);
+        drop(reservation);
     });
 }
 

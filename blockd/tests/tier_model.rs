@@ -255,6 +255,8 @@ impl Harness {
                 self.e().background_round().await.unwrap();
             }
             Op::Crash => {
+                // A background relocation holds the engine; a real crash would end it.
+                self.e().core.defrag.idle().await;
                 self.engine = None;
                 let e = Engine::open(config(self.dir.path(), self.store.clone())).unwrap();
                 e.reclaim_leases().await;
@@ -288,6 +290,7 @@ impl Harness {
                         "checkpoint v{id} of {name} differs after a cold open"
                     );
                 }
+                other.core.defrag.idle().await;
                 drop(other);
                 // Take the volume back, as the operator would after the other host left.
                 self.e().claim_volume(name, true).await.unwrap();
