@@ -182,8 +182,27 @@ impl Volume {
         Ok(Staged { plans, appended })
     }
 
-    /// Records one staged group's map changes in one batch.
-    fn commit_group(&self, staged: Staged) -> Vec<Result<(), DeviceError>> {
+    /// Records one staged group's map changes in one batch. A large group's commit runs on
+    /// the blocking pool, so the queue's worker thread goes on completing other requests.
+    async fn commit_group(&self, staged: Staged) -> Vec<Result<(), DeviceError>> {
+        let blocks: usize = staged.plans.iter().map(|p| p.1.len()).sum();
+        if blocks < OFFLOAD_COMMIT_BLOCKS {
+            return Self::commit_staged(&self.core, &self.handle, staged);
+        }
+        let (core, handle) = (self.core.clone(), self.handle.clone());
+        let n = staged.plans.len();
+        match tokio::task::spawn_blocking(move || Self::commit_staged(&core, &handle, staged)).await
+        {
+            Ok(r) => r,
+            Err(e) => vec![Err(DeviceError::Io(format!("write commit task failed: {e}"))); n],
+        }
+    }
+
+    fn commit_staged(
+        core: &Core,
+        handle: &VolumeHandle,
+        staged: Staged,
+    ) -> Vec<Result<(), DeviceError>> {
         let Staged { plans, appended } = staged;
         let n = plans.len();
         let updates: Vec<(u64, Vec<BlockUpdate>)> = plans
@@ -205,10 +224,10 @@ impl Volume {
             .collect();
         let refs: Vec<(u64, &[BlockUpdate])> =
             updates.iter().map(|(l, u)| (*l, u.as_slice())).collect();
-        match self.handle.commit_group(&refs) {
+        match handle.commit_group(&refs) {
             Ok(commits) => {
                 for c in commits {
-                    self.core.reclaim.released(c.released);
+                    core.reclaim.released(c.released);
                 }
                 drop(appended); // the blocks are referenced now: segments may seal and go idle
                 vec![Ok(()); n]
@@ -488,6 +507,9 @@ pub(crate) fn block_addr(p: PhysBlock) -> chunkstore::BlockAddr {
 }
 
 /// A group's written data, waiting for its commit turn.
+/// From this many blocks (1 MiB) on, a write group's map commit leaves the worker thread.
+const OFFLOAD_COMMIT_BLOCKS: usize = 256;
+
 struct Staged {
     /// Per request: first block, which blocks are zero, index into `appended`.
     plans: Vec<(u64, Vec<bool>, Option<usize>)>,

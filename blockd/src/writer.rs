@@ -5,17 +5,26 @@
 //! shared; at queue depth 1 a write goes straight through on its own.
 //!
 //! Two stages overlap: as soon as a group's data is written, leadership passes to the next
-//! waiting write (whose data write starts) while this group commits. Commits happen in
-//! group order (a ticket), so a later write to the same block always wins.
+//! waiting write (whose data write starts) while this group commits. A large group (from
+//! 256 KiB) passes leadership on before its data write, so the data writes of consecutive
+//! large groups are in flight together (the disk needs several to reach its bandwidth).
+//! Commits happen in group order (a ticket), so a later write to the same block always
+//! wins, also when a later group's data write finished first.
 
 use chunkstore::AlignedBuf;
 use parking_lot::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 use vhost_blk::DeviceError;
 
 /// Requests and bytes one group takes at most.
 const MAX_GROUP_REQUESTS: usize = 256;
 const MAX_GROUP_BYTES: usize = 32 << 20;
+/// From this size on, a group hands leadership on before its data write (so the data
+/// writes of consecutive large groups are in flight together) instead of after it.
+const PIPELINE_BYTES: usize = 256 << 10;
 
 pub(crate) struct Pending {
     pub lba0: u64,
@@ -68,7 +77,7 @@ impl WriteQueue {
     /// Queues whole blocks for `lba0` and returns when they are committed. `stage` writes
     /// one group's data; `commit` records it (called in group order) and returns one
     /// result per request, in order.
-    pub async fn write<S, Fut, T, C>(
+    pub async fn write<S, Fut, T, C, CFut>(
         &self,
         lba0: u64,
         buf: AlignedBuf,
@@ -77,8 +86,9 @@ impl WriteQueue {
     ) -> Result<(), DeviceError>
     where
         S: FnOnce(Vec<(u64, AlignedBuf)>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, DeviceError>>,
-        C: FnOnce(T) -> Vec<Result<(), DeviceError>>,
+        Fut: Future<Output = Result<T, DeviceError>>,
+        C: FnOnce(T) -> CFut,
+        CFut: Future<Output = Vec<Result<(), DeviceError>>>,
     {
         let (tx, rx) = oneshot::channel();
         let lead = {
@@ -141,14 +151,21 @@ impl WriteQueue {
             senders.push(p.tx);
         }
         let n = items.len();
+        let bytes: usize = items.iter().map(|(_, b)| b.len()).sum();
+        if bytes >= PIPELINE_BYTES {
+            // A large group: the next group's data write need not wait for this one's.
+            handoff.now();
+        }
         let staged = stage(items).await;
         // The data is written: let the next group start writing while this one commits.
         handoff.now();
         tokio::task::yield_now().await;
         let mut results = turn
-            .run(|| match staged {
-                Ok(t) => commit(t),
-                Err(e) => vec![Err(e); n],
+            .run(|| async move {
+                match staged {
+                    Ok(t) => commit(t).await,
+                    Err(e) => vec![Err(e); n],
+                }
             })
             .await;
         results.resize_with(n, || {
@@ -226,7 +243,11 @@ struct Turn<'a> {
 }
 
 impl Turn<'_> {
-    async fn run<R>(mut self, f: impl FnOnce() -> R) -> R {
+    /// Waits for this group's turn, then runs its commit and passes the turn on. A commit
+    /// that started finishes before the turn passes even if this future is dropped (see
+    /// [`Committing`]): otherwise the next group could commit first and an older write
+    /// would win.
+    async fn run<R, F: Future<Output = R>>(self, f: impl FnOnce() -> F) -> R {
         loop {
             let notified = self.queue.turn.notified();
             if self.queue.state.lock().commit_turn == self.ticket {
@@ -234,9 +255,11 @@ impl Turn<'_> {
             }
             notified.await;
         }
-        let r = f();
-        self.pass();
-        r
+        Committing {
+            fut: Some(Box::pin(f())),
+            turn: self,
+        }
+        .await
     }
 
     fn pass(&mut self) {
@@ -245,6 +268,40 @@ impl Turn<'_> {
             self.queue.state.lock().advance();
             self.queue.turn.notify_waiters();
         }
+    }
+}
+
+/// A running commit and the turn it holds. The commit may run on another thread (blockd
+/// moves large ones to the blocking pool); if this is dropped before it completes, the
+/// drop waits for it (a rare, bounded wait: a cancelled request mid-commit), and only then
+/// passes the turn.
+struct Committing<'a, F: Future> {
+    fut: Option<Pin<Box<F>>>,
+    turn: Turn<'a>,
+}
+
+impl<F: Future> Future for Committing<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // `Committing` is Unpin (the commit future is boxed).
+        let this = &mut *self;
+        let Some(fut) = this.fut.as_mut() else {
+            panic!("Committing polled after completion");
+        };
+        let r = std::task::ready!(fut.as_mut().poll(cx));
+        this.fut = None;
+        this.turn.pass();
+        Poll::Ready(r)
+    }
+}
+
+impl<F: Future> Drop for Committing<'_, F> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            let _ = futures::executor::block_on(fut);
+        }
+        self.turn.pass();
     }
 }
 
@@ -290,7 +347,7 @@ mod tests {
                             Ok(items.len())
                         }
                     },
-                    |n| vec![Ok(()); n],
+                    |n| async move { vec![Ok(()); n] },
                 )
                 .await
             }));
@@ -316,7 +373,7 @@ mod tests {
                 0,
                 AlignedBuf::zeroed(4096),
                 |_| std::future::pending::<Result<(), DeviceError>>(),
-                |_| vec![Ok(())],
+                |_| async { vec![Ok(())] },
             )
             .await
         });
@@ -327,7 +384,7 @@ mod tests {
                 1,
                 AlignedBuf::zeroed(4096),
                 |items| async move { Ok(items.len()) },
-                |n| vec![Err(DeviceError::NoSpace); n],
+                |n| async move { vec![Err(DeviceError::NoSpace); n] },
             )
             .await
         });
@@ -339,6 +396,63 @@ mod tests {
             Err(DeviceError::NoSpace),
             "the next writer led its own group"
         );
+        assert!(!q.state.lock().leading);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_cancelled_mid_way_finishes_before_the_next_group_commits() {
+        let q = Arc::new(WriteQueue::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        // Group 1: its commit runs elsewhere (like blockd's blocking-pool commits) and
+        // completes only when released.
+        let (q1, o1) = (q.clone(), order.clone());
+        let first = tokio::spawn(async move {
+            q1.write(
+                0,
+                AlignedBuf::zeroed(4096),
+                |_| async { Ok(()) },
+                move |()| {
+                    let _ = started_tx.send(());
+                    let o1 = o1.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            release_rx.recv().unwrap();
+                            o1.lock().push(1);
+                        })
+                        .await
+                        .unwrap();
+                        vec![Ok(())]
+                    }
+                },
+            )
+            .await
+        });
+        started_rx.await.unwrap();
+        // Group 2 queues behind it.
+        let (q2, o2) = (q.clone(), order.clone());
+        let second = tokio::spawn(async move {
+            q2.write(
+                1,
+                AlignedBuf::zeroed(4096),
+                |_| async { Ok(()) },
+                move |()| {
+                    o2.lock().push(2);
+                    async { vec![Ok(())] }
+                },
+            )
+            .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // The first writer goes away while its commit runs; the commit is released later.
+        first.abort();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            release_tx.send(()).unwrap();
+        });
+        assert_eq!(second.await.unwrap(), Ok(()));
+        assert_eq!(*order.lock(), vec![1, 2], "commits ran out of group order");
         assert!(!q.state.lock().leading);
     }
 
@@ -364,7 +478,7 @@ mod tests {
                     |lbas| {
                         let n = lbas.len();
                         order.lock().extend(lbas);
-                        vec![Ok(()); n]
+                        async move { vec![Ok(()); n] }
                     },
                 )
                 .await
