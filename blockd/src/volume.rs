@@ -506,10 +506,10 @@ pub(crate) fn block_addr(p: PhysBlock) -> chunkstore::BlockAddr {
     chunkstore::ChunkId(p.group).block(p.index)
 }
 
-/// A group's written data, waiting for its commit turn.
 /// From this many blocks (1 MiB) on, a write group's map commit leaves the worker thread.
 const OFFLOAD_COMMIT_BLOCKS: usize = 256;
 
+/// A group's written data, waiting for its commit turn.
 struct Staged {
     /// Per request: first block, which blocks are zero, index into `appended`.
     plans: Vec<(u64, Vec<bool>, Option<usize>)>,

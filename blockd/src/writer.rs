@@ -122,7 +122,7 @@ impl WriteQueue {
         // Leadership passes on when `_handoff` drops, even if this future is dropped
         // mid-group (the group's other writers then see an error).
         let mut handoff = HandOff(Some(self));
-        let (group, ticket): (Vec<Pending>, u64) = {
+        let (group, ticket, bytes): (Vec<Pending>, u64, usize) = {
             let mut st = self.state.lock();
             let mut bytes = 0;
             let mut n = 0;
@@ -135,7 +135,7 @@ impl WriteQueue {
             }
             let ticket = st.next_ticket;
             st.next_ticket += 1;
-            (st.queue.drain(..n).collect(), ticket)
+            (st.queue.drain(..n).collect(), ticket, bytes)
         };
         // From here on the group must take its commit turn (even if this future is dropped),
         // or later groups would wait forever.
@@ -151,7 +151,6 @@ impl WriteQueue {
             senders.push(p.tx);
         }
         let n = items.len();
-        let bytes: usize = items.iter().map(|(_, b)| b.len()).sum();
         if bytes >= PIPELINE_BYTES {
             // A large group: the next group's data write need not wait for this one's.
             handoff.now();
