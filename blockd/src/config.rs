@@ -160,6 +160,10 @@ pub struct StorageConfig {
     pub metadata_cache: u64,
     /// Flatten a timeline when reads would visit more timelines than this.
     pub max_read_depth: usize,
+    /// Per volume: memory for the in-memory copy of the head's block mappings that small
+    /// reads consult before RocksDB (16 bytes per 4 KiB block); 0 disables it.
+    #[serde(deserialize_with = "deserialize_size")]
+    pub map_cache: u64,
     /// Rewrite a range in block order when a large read finds it fragmented (scattered by
     /// random overwrites), so the next sequential read of it is one disk read.
     pub defrag_on_read: bool,
@@ -197,6 +201,7 @@ impl Default for StorageConfig {
             ring_entries: 256,
             metadata_cache: 256 << 20,
             max_read_depth: 4,
+            map_cache: 16 << 20,
             defrag_on_read: true,
         }
     }
@@ -384,6 +389,8 @@ impl Config {
         e.local.ring_entries = self.storage.ring_entries;
         e.meta_cache_bytes = self.storage.metadata_cache as usize;
         e.max_read_depth = self.storage.max_read_depth;
+        e.head_cache_bytes = usize::try_from(self.storage.map_cache)
+            .map_err(|_| "storage.map_cache is too large".to_string())?;
         e.defrag_on_read = self.storage.defrag_on_read;
         Ok(e)
     }
@@ -431,11 +438,14 @@ mod tests {
             [storage]
             segment_size = "128M"
             metadata_cache = 1048576
+            map_cache = "1M"
             "#,
         )
         .unwrap();
         assert_eq!(cfg.storage.segment_size, 128 << 20);
         assert_eq!(cfg.storage.metadata_cache, 1 << 20);
+        assert_eq!(cfg.storage.map_cache, 1 << 20);
+        assert_eq!(cfg.engine_config().unwrap().head_cache_bytes, 1 << 20);
         assert_eq!(cfg.nbd_socket(), PathBuf::from("/tmp/x/nbd.sock"));
         assert_eq!(cfg.metrics_addr().unwrap(), None);
         cfg.validate().unwrap();

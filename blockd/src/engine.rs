@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub local: LocalConfig,
     pub meta_cache_bytes: usize,
     pub max_read_depth: usize,
+    /// Per volume: bytes of the head's in-memory block-mapping cache (0: off).
+    pub head_cache_bytes: usize,
     /// How long a forced restore/delete waits for attached clients to disconnect.
     pub detach_timeout: Duration,
     /// The object-store tier (none: local only).
@@ -52,6 +54,7 @@ impl EngineConfig {
             local: LocalConfig::default(),
             meta_cache_bytes: 256 << 20,
             max_read_depth: 4,
+            head_cache_bytes: 16 << 20,
             detach_timeout: Duration::from_secs(30),
             remote: None,
             defrag_on_read: true,
@@ -176,6 +179,7 @@ impl Engine {
             snapshotter::Options {
                 cache_bytes: cfg.meta_cache_bytes,
                 max_read_depth: cfg.max_read_depth,
+                head_cache_bytes: cfg.head_cache_bytes,
             },
         )?;
         let local = LocalStore::open(&cfg.data_dir.join("segments"), cfg.local.clone())?;

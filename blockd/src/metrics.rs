@@ -514,7 +514,7 @@ mod state {
             let vols = engine.list_volumes();
             gauge(&mut e, "blockd_volumes", "Volumes", vols.len() as i64)?;
             type Get = fn(&crate::VolumeStat) -> u64;
-            let per_volume: [(&str, &str, Get); 11] = [
+            let per_volume: [(&str, &str, Get); 12] = [
                 ("blockd_volume_size_bytes", "Logical size", |v| {
                     v.info.size_bytes
                 }),
@@ -557,6 +557,11 @@ mod state {
                     "blockd_volume_local_bytes",
                     "Bytes of the volume's segment files on the local disk",
                     |v| v.local_bytes,
+                ),
+                (
+                    "blockd_volume_map_cache_bytes",
+                    "Memory the head's block-mapping cache holds (storage.map_cache)",
+                    |v| v.info.map_cache_bytes,
                 ),
                 ("blockd_volume_checkpoints", "Checkpoints", |v| {
                     v.info.checkpoints

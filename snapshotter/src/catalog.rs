@@ -81,6 +81,9 @@ pub(crate) struct TimelineState {
     /// Reads stop here (flattening copied every ancestor-visible entry in).
     pub flattened: AtomicBool,
     pub m: Mutex<TimelineMut>,
+    /// What the head shows per block, while this timeline is a head (see
+    /// [`crate::headcache`]).
+    pub cache: crate::headcache::HeadCache,
 }
 
 #[derive(Debug, Default)]

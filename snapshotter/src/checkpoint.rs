@@ -192,6 +192,7 @@ impl Snapshotter {
             return Err(e);
         }
         old_tm.is_head = false;
+        old_head.cache.clear();
         old_tm.add_retention(auto.seq);
         match src_tm.as_mut() {
             Some(s) => s.add_retention(target.seq),
@@ -208,6 +209,7 @@ impl Snapshotter {
                 is_head: true,
                 ..Default::default()
             }),
+            cache: Default::default(),
         });
         cat.timelines.insert(new_tid, t.clone());
         *vs.head.write() = t;

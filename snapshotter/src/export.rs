@@ -328,6 +328,7 @@ impl Inner {
                     is_head: rec.id == vrec.head,
                     ..Default::default()
                 }),
+                cache: Default::default(),
             };
             cat.timelines.insert(rec.id, Arc::new(t));
         }

@@ -22,6 +22,7 @@ mod error;
 mod export;
 mod flatten;
 mod gc;
+mod headcache;
 mod ids;
 mod map;
 mod records;

@@ -38,6 +38,8 @@ pub struct VolumeInfo {
     pub read_depth: u64,
     /// The volume's data stream id.
     pub stream: u64,
+    /// Memory the head's block-mapping cache holds (at most `Options::head_cache_bytes`).
+    pub map_cache_bytes: u64,
 }
 
 /// Result of a data-path commit.
@@ -139,6 +141,7 @@ impl Snapshotter {
             checkpoints,
             read_depth: v.head().read_depth() as u64,
             stream: v.stream,
+            map_cache_bytes: v.head().cache.resident_bytes() as u64,
         }
     }
 
@@ -236,6 +239,7 @@ impl Inner {
                 is_head: true,
                 ..Default::default()
             }),
+            cache: Default::default(),
         });
         cat.timelines.insert(t.id, t.clone());
         let vs = Arc::new(VolumeState {
@@ -279,6 +283,15 @@ pub struct VolumeHandle {
     inner: Arc<Inner>,
     vol: Arc<VolumeState>,
 }
+
+/// Lookups of at most this many blocks use the head's cache; longer ones (large sequential
+/// reads) scan the map, which costs little per block, and fill the cache on the way.
+const HEAD_CACHE_MAX_BLOCKS: usize = 1024;
+
+/// A lookup that misses the cache resolves the aligned window of this many blocks around
+/// it (one map scan) and caches all of it: random reads warm the cache a window at a time
+/// instead of a block at a time.
+const HEAD_CACHE_WINDOW_BLOCKS: u64 = 256;
 
 /// One block for [`VolumeHandle::relocate`]: block `lba`, stored at `from` with crc32c `crc`,
 /// has an identical copy at `to`.
@@ -347,15 +360,50 @@ impl VolumeHandle {
     }
 
     /// What the head shows for blocks `[lba0, lba0 + n)`.
+    /// Goes through the head's cache (see [`crate::headcache`]) when it is enabled.
     pub fn lookup(&self, lba0: u64, n: usize) -> Result<Vec<Mapping>> {
         self.check(lba0, n)?;
         let head = self.vol.head();
+        let budget = self.inner.opts.head_cache_bytes;
+        if budget == 0 {
+            return self.resolve_head(&head, lba0, n);
+        }
+        if n <= HEAD_CACHE_MAX_BLOCKS
+            && let Some(hit) = head.cache.get(lba0, n)
+        {
+            return Ok(hit);
+        }
+        // Small misses widen to whole windows; large lookups resolve what they asked for.
+        let (w0, wn) = if n <= HEAD_CACHE_MAX_BLOCKS {
+            let w0 = lba0 - lba0 % HEAD_CACHE_WINDOW_BLOCKS;
+            let end = (lba0 + n as u64)
+                .next_multiple_of(HEAD_CACHE_WINDOW_BLOCKS)
+                .min(self.blocks());
+            (w0, (end - w0) as usize)
+        } else {
+            (lba0, n)
+        };
+        let ticket = head.cache.ticket(self.blocks(), w0, wn);
+        let mut maps = self.resolve_head(&head, w0, wn)?;
+        head.cache.fill(&ticket, w0, &maps, budget);
+        let skip = (lba0 - w0) as usize;
+        maps.truncate(skip + n);
+        maps.drain(..skip);
+        Ok(maps)
+    }
+
+    fn resolve_head(&self, head: &Arc<TimelineState>, lba0: u64, n: usize) -> Result<Vec<Mapping>> {
         Ok(self
             .inner
-            .resolve(&head, Seq::MAX, lba0, n)?
+            .resolve(head, Seq::MAX, lba0, n)?
             .into_iter()
             .map(|f| f.map_or(Mapping::Zero, |f| f.mapping()))
             .collect())
+    }
+
+    /// The volume's size in blocks.
+    fn blocks(&self) -> u64 {
+        self.vol.size_bytes / BLOCK_SIZE
     }
 
     /// Records that blocks `[lba0, lba0 + blocks.len())` now hold the given bytes.
@@ -517,6 +565,9 @@ impl VolumeHandle {
                 Error::Injected("snapshotter::commit::before_write")
             ));
             db::write(&inner.db, b, false)?;
+            for (lba0, updates) in items {
+                head.cache.invalidate(self.blocks(), *lba0, updates.len());
+            }
             fail::fail_point!("snapshotter::commit::after_write");
             tm.head_seq = seq;
             self.vol.counters.lock().add(&delta);
@@ -601,6 +652,9 @@ impl VolumeHandle {
                 Error::Injected("snapshotter::relocate::before_write")
             ));
             db::write(&inner.db, b, false)?;
+            for m in moves {
+                head.cache.invalidate(self.blocks(), m.lba, 1);
+            }
             out.released.empty_groups = inner.apply_groups(&groups);
             return Ok(out);
         }
