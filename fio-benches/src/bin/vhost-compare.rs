@@ -95,6 +95,51 @@ struct Args {
     /// Only these targets (comma separated: qsd, blockd).
     #[arg(long, value_delimiter = ',', default_value = "qsd,blockd")]
     targets: Vec<String>,
+    /// A blockd config setting `SECTION.KEY=VALUE` (VALUE in TOML, e.g.
+    /// `storage.map_cache=0` or `storage.defrag_on_read=false`); repeatable.
+    #[arg(long = "blockd-set", value_parser = parse_setting)]
+    blockd_set: Vec<(String, String, String)>,
+}
+
+/// `SECTION.KEY=VALUE` of `--blockd-set`.
+fn parse_setting(s: &str) -> Result<(String, String, String), String> {
+    let (path, value) = s
+        .split_once('=')
+        .ok_or("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0")?;
+    let (section, key) = path
+        .split_once('.')
+        .ok_or("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0")?;
+    if section.is_empty() || key.is_empty() || value.is_empty() {
+        return Err("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0".into());
+    }
+    Ok((section.into(), key.into(), value.into()))
+}
+
+/// blockd's config file for the run: the object store choice and the `--blockd-set`
+/// settings, grouped by section (None: blockd's defaults).
+fn blockd_config(args: &Args) -> Option<String> {
+    let mut sections: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    if args.blockd_object_store != "default" {
+        sections
+            .entry("object_store")
+            .or_default()
+            .push(format!("url = {:?}", args.blockd_object_store));
+    }
+    for (section, key, value) in &args.blockd_set {
+        sections
+            .entry(section)
+            .or_default()
+            .push(format!("{key} = {value}"));
+    }
+    if sections.is_empty() {
+        return None;
+    }
+    Some(
+        sections
+            .iter()
+            .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+            .collect(),
+    )
 }
 
 /// A size as blockd parses it, a non-zero multiple of 1 MiB.
@@ -555,12 +600,9 @@ fn main() -> Result<()> {
             "--metrics-addr".into(),
             String::new(),
         ];
-        if args.blockd_object_store != "default" {
+        if let Some(text) = blockd_config(&args) {
             let config = logs.join("blockd.toml");
-            std::fs::write(
-                &config,
-                format!("[object_store]\nurl = {:?}\n", args.blockd_object_store),
-            )?;
+            std::fs::write(&config, text)?;
             bargs.push("--config".into());
             bargs.push(config.display().to_string());
         }
