@@ -173,18 +173,20 @@ impl HeadCache {
             if lo >= hi {
                 continue;
             }
-            let mut g = region.lock();
             // Checked under the region's lock: `clear` sets the flag before it locks (and
             // empties) each region, so a fill either sees it or is undone by it.
-            if g.generation != generation || self.closed.load(Ordering::Acquire) {
+            let refused =
+                |g: &Region| g.generation != generation || self.closed.load(Ordering::Acquire);
+            let mut g = region.lock();
+            if refused(&g) {
                 continue;
             }
             if g.slots.is_none() {
                 drop(g);
-                self.make_room(regions, r, max_regions);
+                self.make_room(regions, max_regions);
                 let fresh: Box<[Slot]> = vec![EMPTY_SLOT; REGION_BLOCKS as usize].into();
                 g = region.lock();
-                if g.generation != generation || self.closed.load(Ordering::Acquire) {
+                if refused(&g) {
                     continue;
                 }
                 if g.slots.is_none() {
@@ -203,8 +205,9 @@ impl HeadCache {
         }
     }
 
-    /// Drops the regions filled longest ago until one more fits (never `keep`).
-    fn make_room(&self, regions: &[Mutex<Region>], keep: usize, max_regions: usize) {
+    /// Drops the regions filled longest ago until one more fits. (A fill racing for the
+    /// same region may see its region dropped here; it then allocates it again.)
+    fn make_room(&self, regions: &[Mutex<Region>], max_regions: usize) {
         loop {
             let victim = {
                 let mut res = self.resident.lock();
@@ -212,13 +215,6 @@ impl HeadCache {
                     return;
                 }
                 match res.pop_front() {
-                    Some(v) if v == keep => {
-                        res.push_back(v);
-                        if res.len() == 1 {
-                            return;
-                        }
-                        continue;
-                    }
                     Some(v) => v,
                     None => return,
                 }

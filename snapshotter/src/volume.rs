@@ -368,13 +368,11 @@ impl VolumeHandle {
         if budget == 0 {
             return self.resolve_head(&head, lba0, n);
         }
-        if n <= HEAD_CACHE_MAX_BLOCKS
-            && let Some(hit) = head.cache.get(lba0, n)
-        {
-            return Ok(hit);
-        }
         // Small misses widen to whole windows; large lookups resolve what they asked for.
         let (w0, wn) = if n <= HEAD_CACHE_MAX_BLOCKS {
+            if let Some(hit) = head.cache.get(lba0, n) {
+                return Ok(hit);
+            }
             let w0 = lba0 - lba0 % HEAD_CACHE_WINDOW_BLOCKS;
             let end = (lba0 + n as u64)
                 .next_multiple_of(HEAD_CACHE_WINDOW_BLOCKS)

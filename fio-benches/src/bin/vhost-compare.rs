@@ -103,12 +103,8 @@ struct Args {
 
 /// `SECTION.KEY=VALUE` of `--blockd-set`.
 fn parse_setting(s: &str) -> Result<(String, String, String), String> {
-    let (path, value) = s
-        .split_once('=')
-        .ok_or("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0")?;
-    let (section, key) = path
-        .split_once('.')
-        .ok_or("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0")?;
+    let (path, value) = s.split_once('=').unwrap_or_default();
+    let (section, key) = path.split_once('.').unwrap_or_default();
     if section.is_empty() || key.is_empty() || value.is_empty() {
         return Err("expected SECTION.KEY=VALUE, e.g. storage.map_cache=0".into());
     }
