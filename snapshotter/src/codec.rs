@@ -92,26 +92,72 @@ const TAG_OWNED: u8 = 1;
 const TAG_TOMBSTONE: u8 = 2;
 const TAG_BORROWED: u8 = 3;
 
+/// An encoded map value on the stack: the data path encodes one per written block, and a
+/// heap allocation each (two for a head slot) showed in the profile of large writes.
+#[derive(Clone, Copy)]
+pub struct Encoded {
+    buf: [u8; ENCODED_MAX],
+    len: usize,
+}
+
+/// The longest encoding: a head slot (tag + seq) holding a borrowed value.
+const ENCODED_MAX: usize = 9 + 25;
+
+impl Encoded {
+    fn new() -> Encoded {
+        Encoded {
+            buf: [0; ENCODED_MAX],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl std::ops::Deref for Encoded {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for Encoded {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", &**self)
+    }
+}
+
 impl MapValue {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Encoded {
+        let mut v = Encoded::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    fn encode_into(&self, v: &mut Encoded) {
         match *self {
             MapValue::Owned { phys, crc } => {
-                let mut v = Vec::with_capacity(17);
-                v.push(TAG_OWNED);
-                v.extend_from_slice(&phys.group.to_be_bytes());
-                v.extend_from_slice(&phys.index.to_be_bytes());
-                v.extend_from_slice(&crc.to_be_bytes());
-                v
+                v.push(&[TAG_OWNED]);
+                v.push(&phys.group.to_be_bytes());
+                v.push(&phys.index.to_be_bytes());
+                v.push(&crc.to_be_bytes());
             }
-            MapValue::Tombstone => vec![TAG_TOMBSTONE],
+            MapValue::Tombstone => v.push(&[TAG_TOMBSTONE]),
             MapValue::Borrowed { phys, crc, origin } => {
-                let mut v = Vec::with_capacity(25);
-                v.push(TAG_BORROWED);
-                v.extend_from_slice(&phys.group.to_be_bytes());
-                v.extend_from_slice(&phys.index.to_be_bytes());
-                v.extend_from_slice(&crc.to_be_bytes());
-                v.extend_from_slice(&origin.0.to_be_bytes());
-                v
+                v.push(&[TAG_BORROWED]);
+                v.push(&phys.group.to_be_bytes());
+                v.push(&phys.index.to_be_bytes());
+                v.push(&crc.to_be_bytes());
+                v.push(&origin.0.to_be_bytes());
             }
         }
     }
@@ -162,12 +208,11 @@ pub struct Version {
 
 impl Version {
     /// Encoding for the head slot (the seq travels in the value).
-    pub fn encode_head(&self) -> Vec<u8> {
-        let inner = self.value.encode();
-        let mut v = Vec::with_capacity(9 + inner.len());
-        v.push(TAG_HEAD);
-        v.extend_from_slice(&self.seq.0.to_be_bytes());
-        v.extend_from_slice(&inner);
+    pub fn encode_head(&self) -> Encoded {
+        let mut v = Encoded::new();
+        v.push(&[TAG_HEAD]);
+        v.push(&self.seq.0.to_be_bytes());
+        self.value.encode_into(&mut v);
         v
     }
 

@@ -460,8 +460,11 @@ impl VolumeHandle {
             // Versions written by earlier requests of this group (not in the DB yet).
             let mut overlay: HashMap<u64, Found> = HashMap::new();
             let mut seq = tm.head_seq;
-            for (lba0, updates) in items {
+            for (item, (lba0, updates)) in items.iter().enumerate() {
                 let (lba0, n) = (*lba0, updates.len());
+                // Only a later request of this group reads the overlay: the last (or only)
+                // one does not fill it (256 inserts per MiB showed in the profile).
+                let record_overlay = item + 1 < items.len();
                 // The head's current versions: its own head slots (point lookups), else what
                 // it sees through its ancestors.
                 let mut found = inner.head_versions(&head, lba0, n)?;
@@ -476,9 +479,11 @@ impl VolumeHandle {
                         }
                     }
                 }
-                for (i, f) in found.iter_mut().enumerate() {
-                    if let Some(o) = overlay.get(&(lba0 + i as u64)) {
-                        *f = Some(*o);
+                if !overlay.is_empty() {
+                    for (i, f) in found.iter_mut().enumerate() {
+                        if let Some(o) = overlay.get(&(lba0 + i as u64)) {
+                            *f = Some(*o);
+                        }
                     }
                 }
                 let item_seq = Seq(seq.0 + 1);
@@ -534,6 +539,9 @@ impl VolumeHandle {
                         value: new_value,
                     };
                     b.put_cf(map, head_key(head.id, lba), new.encode_head());
+                    if !record_overlay {
+                        continue;
+                    }
                     overlay.insert(
                         lba.0,
                         Found {
