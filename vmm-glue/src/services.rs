@@ -1218,6 +1218,23 @@ mod tests {
         }
     }
 
+    /// Waits until the service's log holds `needle` ("running" only means the process was
+    /// spawned: a signal sent right after can land before its first `echo`).
+    fn wait_log(rt: &Runtime, name: &str, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(rt.log_path(name)).unwrap_or_default();
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {needle:?}; log {log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn services_run_restart_stop_and_log() {
         let (d, rt) = rt();
@@ -1230,6 +1247,7 @@ mod tests {
         );
         let v = wait_for(&rt, "echo", |v| v["state"]["status"] == "running");
         let pid = v["state"]["pid"].as_u64().unwrap();
+        wait_log(&rt, "echo", "[stderr] oops");
         // An update replaces the process.
         assert!(
             !rt.put("echo", def("sh", &["-c", "echo again; sleep 60"]))
@@ -1237,6 +1255,7 @@ mod tests {
         );
         let v = wait_for(&rt, "echo", |v| v["state"]["status"] == "running");
         assert_ne!(v["state"]["pid"].as_u64().unwrap(), pid);
+        wait_log(&rt, "echo", "[stdout] again");
         // A kill by signal is a crash: restarted, restart_count rises.
         rt.signal("echo", libc::SIGKILL).unwrap();
         wait_for(&rt, "echo", |v| {
