@@ -94,7 +94,6 @@ const TAG_BORROWED: u8 = 3;
 
 /// An encoded map value on the stack: the data path encodes one per written block, and a
 /// heap allocation each (two for a head slot) showed in the profile of large writes.
-#[derive(Clone, Copy)]
 pub struct Encoded {
     buf: [u8; ENCODED_MAX],
     len: usize,
@@ -130,6 +129,7 @@ impl AsRef<[u8]> for Encoded {
     }
 }
 
+/// Shows the encoded bytes (the unused tail of the buffer is not part of the value).
 impl std::fmt::Debug for Encoded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:02x?}", &**self)

@@ -539,18 +539,17 @@ impl VolumeHandle {
                         value: new_value,
                     };
                     b.put_cf(map, head_key(head.id, lba), new.encode_head());
-                    if !record_overlay {
-                        continue;
+                    if record_overlay {
+                        overlay.insert(
+                            lba.0,
+                            Found {
+                                value: new_value,
+                                timeline: head.id,
+                                seq: item_seq,
+                                owner: new_value.data().map(|_| self.vol.id),
+                            },
+                        );
                     }
-                    overlay.insert(
-                        lba.0,
-                        Found {
-                            value: new_value,
-                            timeline: head.id,
-                            seq: item_seq,
-                            owner: new_value.data().map(|_| self.vol.id),
-                        },
-                    );
                 }
                 if changed {
                     seq = item_seq;

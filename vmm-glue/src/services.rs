@@ -1206,33 +1206,40 @@ mod tests {
         }
     }
 
-    fn wait_for(rt: &Runtime, name: &str, f: impl Fn(&Value) -> bool) -> Value {
+    /// Polls `probe` until it returns `Ok`; after 20 s fails with its last `Err` message.
+    fn eventually<T>(mut probe: impl FnMut() -> Result<T, String>) -> T {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let v = rt.get(name).unwrap();
-            if f(&v) {
-                return v;
+            match probe() {
+                Ok(v) => return v,
+                Err(last) => assert!(Instant::now() < deadline, "timed out; {last}"),
             }
-            assert!(Instant::now() < deadline, "timed out; last state {v}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn wait_for(rt: &Runtime, name: &str, f: impl Fn(&Value) -> bool) -> Value {
+        eventually(|| {
+            let v = rt.get(name).unwrap();
+            if f(&v) {
+                Ok(v)
+            } else {
+                Err(format!("last state {v}"))
+            }
+        })
     }
 
     /// Waits until the service's log holds `needle` ("running" only means the process was
     /// spawned: a signal sent right after can land before its first `echo`).
     fn wait_log(rt: &Runtime, name: &str, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(|| {
             let log = std::fs::read_to_string(rt.log_path(name)).unwrap_or_default();
             if log.contains(needle) {
-                return;
+                Ok(())
+            } else {
+                Err(format!("waiting for {needle:?}; log {log}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {needle:?}; log {log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     #[test]
