@@ -822,8 +822,10 @@ fn services_and_tasks_in_a_sprite() {
         ["crash", "first", "second", "sticky", "web"],
         "{list}"
     );
+    // Waits for a backoff between runs: while a restarted run is briefly up, `error` is
+    // cleared.
     let crash = wait_service(&cli, "crash", "restarts with backoff", |st| {
-        st["restart_count"].as_u64() >= Some(2)
+        st["restart_count"].as_u64() >= Some(2) && st["error"].is_string()
     });
     assert!(
         crash["error"].as_str().unwrap_or("").contains("code 1"),
