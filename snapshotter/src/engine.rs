@@ -307,6 +307,13 @@ fn load(db: &DB) -> Result<(Catalog, BTreeSet<Work>)> {
         checkpoints.entry(VolumeId(vol)).or_default().insert(num, r);
     }
 
+    // One pass, not a lookup per volume: the family's memtable is a vector, which sorts a
+    // copy of itself for every point lookup.
+    let mut volstats: HashMap<u64, Counters> = HashMap::new();
+    for kv in db.iterator_cf(cf(db, db::CF_VOLSTATS), IteratorMode::Start) {
+        let (k, v) = kv?;
+        volstats.insert(decode_u64_key(&k)?, Counters::decode(&v)?);
+    }
     for kv in db.iterator_cf(cf(db, db::CF_VOLUMES), IteratorMode::Start) {
         let (_, v) = kv?;
         let r: VolumeRecord = records::decode("volume", &v)?;
@@ -316,10 +323,7 @@ fn load(db: &DB) -> Result<(Catalog, BTreeSet<Work>)> {
             .ok_or(Error::TimelineMissing(r.head))?
             .clone();
         head.m.lock().is_head = true;
-        let counters = match db.get_cf(cf(db, db::CF_VOLSTATS), u64_key(r.id.0))? {
-            Some(b) => Counters::decode(&b)?,
-            None => Counters::default(),
-        };
+        let counters = volstats.remove(&r.id.0).unwrap_or_default();
         let vs = Arc::new(VolumeState {
             id: r.id,
             name: r.name.clone(),
