@@ -356,10 +356,21 @@ fn stamps(data: &[u8]) -> Content {
 
 fn read_volume(data_dir: &Path, name: &str) -> Vec<u8> {
     let mut c = Client::connect(&data_dir.join("nbd.sock"), name)
-        .unwrap_or_else(|e| panic!("connect {name}: {e}"));
-    let data = c.read_all().unwrap_or_else(|e| panic!("read {name}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {name}: {e}\n{}", log_tail(data_dir)));
+    let data = c
+        .read_all()
+        .unwrap_or_else(|e| panic!("read {name}: {e}\n{}", log_tail(data_dir)));
     c.disconnect();
     data
+}
+
+/// The daemon log's last lines (the test's tempdir, and the log with it, is gone after a
+/// failure), so a failed read says what the daemon saw.
+fn log_tail(data_dir: &Path) -> String {
+    let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    format!("last lines of the daemon log:\n{tail}")
 }
 
 /// Reads checkpoint `id` of the volume through a temporary clone.
