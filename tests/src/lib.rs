@@ -132,6 +132,12 @@ pub struct Daemon {
     extra_args: Vec<String>,
 }
 
+/// Where the daemon serving `data_dir` logs (beside the data directory, so the test's
+/// tempdir holds both).
+fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("log")
+}
+
 impl Daemon {
     pub fn start(data_dir: &Path) -> Daemon {
         Self::start_with(data_dir, &[], &[])
@@ -142,7 +148,7 @@ impl Daemon {
         let mut d = Daemon {
             data_dir: data_dir.to_path_buf(),
             child: None,
-            log: data_dir.with_extension("log"),
+            log: log_path(data_dir),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -201,6 +207,13 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log's last `n` lines, for a failure message.
+    pub fn log_tail(data_dir: &Path, n: usize) -> String {
+        let log = std::fs::read_to_string(log_path(data_dir)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     pub fn nbd_socket(&self) -> PathBuf {

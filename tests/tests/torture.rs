@@ -367,10 +367,10 @@ fn read_volume(data_dir: &Path, name: &str) -> Vec<u8> {
 /// The daemon log's last lines (the test's tempdir, and the log with it, is gone after a
 /// failure), so a failed read says what the daemon saw.
 fn log_tail(data_dir: &Path) -> String {
-    let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-    format!("last lines of the daemon log:\n{tail}")
+    format!(
+        "last lines of the daemon log:\n{}",
+        Daemon::log_tail(data_dir, 80)
+    )
 }
 
 /// Reads checkpoint `id` of the volume through a temporary clone.
