@@ -18,11 +18,17 @@
 //!   (a generation per region, read before the lookup, compared under the region's lock
 //!   at fill time). An invalidation bumps the generation after its batch is visible, so a
 //!   fill carrying a pre-write value is refused.
-//! - **Bounded.** Slots are allocated per region of [`REGION_BLOCKS`] blocks (16 bytes per
-//!   block: 64 KiB per 16 MiB of volume) up to a per-volume budget; beyond it the region
+//! - **Written through.** A commit stores the mappings it wrote instead of dropping them,
+//!   with the seq of each data version, so the next commit over those blocks takes the
+//!   versions it replaces from here instead of a RocksDB scan or multi-get (that lookup
+//!   held the commit lock for ~40 % of a 1 MiB write's commit time, measured). A reader's
+//!   fill never knows a seq; a commit falls back to RocksDB unless every block it
+//!   replaces has one.
+//! - **Bounded.** Slots are allocated per region of [`REGION_BLOCKS`] blocks (24 bytes per
+//!   block: 96 KiB per 16 MiB of volume) up to a per-volume budget; beyond it the region
 //!   filled longest ago is dropped first.
 
-use crate::ids::PhysBlock;
+use crate::ids::{PhysBlock, Seq};
 use crate::map::Mapping;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -36,6 +42,8 @@ pub(crate) const REGION_BYTES: usize = REGION_BLOCKS as usize * std::mem::size_o
 
 const EMPTY: u64 = u64::MAX;
 const ZERO: u64 = u64::MAX - 1;
+/// [`Slot::seq`] when the slot does not know the version behind its mapping.
+const NO_SEQ: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -43,12 +51,16 @@ struct Slot {
     group: u64,
     index: u32,
     crc: u32,
+    /// The seq of the head timeline's own head-slot version this data mapping is, when a
+    /// commit stored it ([`HeadCache::store`]); else [`NO_SEQ`].
+    seq: u64,
 }
 
 const EMPTY_SLOT: Slot = Slot {
     group: EMPTY,
     index: 0,
     crc: 0,
+    seq: NO_SEQ,
 };
 
 impl Slot {
@@ -58,11 +70,13 @@ impl Slot {
                 group: ZERO,
                 index: 0,
                 crc: 0,
+                seq: NO_SEQ,
             }),
             Mapping::Data { phys, crc } if phys.group < ZERO => Some(Slot {
                 group: phys.group,
                 index: phys.index,
                 crc,
+                seq: NO_SEQ,
             }),
             // Not representable (never happens: groups are chunk numbers): not cached.
             Mapping::Data { .. } => None,
@@ -199,7 +213,12 @@ impl HeadCache {
             };
             for l in lo..hi {
                 if let Some(s) = Slot::of(maps[(l - lba0) as usize]) {
-                    slots[(l % REGION_BLOCKS) as usize] = s;
+                    let at = (l % REGION_BLOCKS) as usize;
+                    // The same mapping may be there with its seq (no write since: the
+                    // generation did not move): keep what it knows.
+                    if slots[at].mapping() != s.mapping() {
+                        slots[at] = s;
+                    }
                 }
             }
         }
@@ -244,6 +263,86 @@ impl HeadCache {
                 }
             }
         }
+    }
+
+    /// Records what blocks `[lba0, lba0 + written.len())` now show, each with the seq of
+    /// the head-slot version the commit wrote for it (data blocks only; `None` for the
+    /// rest). Call after the batch is written, under the head timeline's lock (like
+    /// [`HeadCache::invalidate`], whose generation bump it shares: fills from lookups that
+    /// started before are refused). Resident regions take the new entries; a region not
+    /// resident is allocated only while the budget has room (a write never evicts what
+    /// reads warmed). Recent writes then read back without a map lookup, and the next
+    /// commit over them finds the versions it replaces here ([`HeadCache::own_versions`]).
+    pub(crate) fn store(
+        &self,
+        volume_blocks: u64,
+        lba0: u64,
+        written: &[(Mapping, Option<Seq>)],
+        budget_bytes: usize,
+    ) {
+        if written.is_empty() {
+            return;
+        }
+        let regions = self.regions(volume_blocks);
+        let max_regions = budget_bytes / REGION_BYTES;
+        let end = lba0 + written.len() as u64;
+        for r in region_span(lba0, written.len()) {
+            let Some(region) = regions.get(r) else { return };
+            let lo = lba0.max(r as u64 * REGION_BLOCKS);
+            let hi = end.min((r as u64 + 1) * REGION_BLOCKS);
+            let mut g = region.lock();
+            g.generation += 1;
+            if g.slots.is_none() && !self.closed.load(Ordering::Acquire) {
+                let mut res = self.resident.lock();
+                if res.len() < max_regions {
+                    g.slots = Some(vec![EMPTY_SLOT; REGION_BLOCKS as usize].into());
+                    res.push_back(r);
+                }
+            }
+            if let Some(slots) = g.slots.as_mut() {
+                for l in lo..hi {
+                    let (m, seq) = written[(l - lba0) as usize];
+                    let slot = Slot::of(m).map(|mut s| {
+                        if let (Mapping::Data { .. }, Some(seq)) = (m, seq) {
+                            s.seq = seq.0;
+                        }
+                        s
+                    });
+                    slots[(l % REGION_BLOCKS) as usize] = slot.unwrap_or(EMPTY_SLOT);
+                }
+            }
+        }
+    }
+
+    /// The head timeline's own head-slot versions of `[lba0, lba0 + n)` (address, crc32c,
+    /// seq), if every block is cached as data a commit stored (see [`HeadCache::store`]).
+    /// Exact while the head timeline's lock is held: only commits and relocations change
+    /// a head's data head slots (GC and flattening never touch them), both under that
+    /// lock, and both update or invalidate the cache before they release it.
+    pub(crate) fn own_versions(&self, lba0: u64, n: usize) -> Option<Vec<(PhysBlock, u32, Seq)>> {
+        let regions = self.regions.get()?;
+        let mut out = Vec::with_capacity(n);
+        let mut lba = lba0;
+        let end = lba0 + n as u64;
+        while lba < end {
+            let r = (lba / REGION_BLOCKS) as usize;
+            let stop = end.min((r as u64 + 1) * REGION_BLOCKS);
+            let g = regions.get(r)?.lock();
+            let slots = g.slots.as_ref()?;
+            for l in lba..stop {
+                let s = slots[(l % REGION_BLOCKS) as usize];
+                if s.seq == NO_SEQ || s.group >= ZERO {
+                    return None;
+                }
+                let phys = PhysBlock {
+                    group: s.group,
+                    index: s.index,
+                };
+                out.push((phys, s.crc, Seq(s.seq)));
+            }
+            lba = stop;
+        }
+        Some(out)
     }
 
     /// Drops every cached block for good (the timeline stopped being a head): fills from
@@ -329,6 +428,101 @@ mod tests {
         let t = d.ticket(BLOCKS, 0, 1);
         d.fill(&t, 0, &[data(1, 1)], 0);
         assert!(d.get(0, 1).is_none());
+    }
+
+    #[test]
+    fn a_store_replaces_cached_blocks_and_refuses_older_fills() {
+        let c = HeadCache::default();
+        let t = c.ticket(BLOCKS, 0, 8);
+        c.fill(&t, 0, &[data(1, 1); 8], 1 << 20);
+        let stale = c.ticket(BLOCKS, 2, 2);
+        // A commit writes blocks 2 and 3 (one data, one zero) after that reader's ticket.
+        c.store(
+            BLOCKS,
+            2,
+            &[(data(7, 7), Some(Seq(5))), (Mapping::Zero, None)],
+            1 << 20,
+        );
+        let mut want = vec![data(1, 1); 8];
+        want[2] = data(7, 7);
+        want[3] = Mapping::Zero;
+        assert_eq!(c.get(0, 8), Some(want.clone()));
+        // The reader found the pre-commit values: its fill is refused.
+        c.fill(&stale, 2, &[data(1, 1), data(1, 1)], 1 << 20);
+        assert_eq!(c.get(0, 8), Some(want));
+    }
+
+    #[test]
+    fn a_store_allocates_only_while_the_budget_has_room() {
+        let c = HeadCache::default();
+        c.store(BLOCKS, 0, &[(data(1, 1), Some(Seq(1)))], REGION_BYTES);
+        assert_eq!(c.get(0, 1), Some(vec![data(1, 1)]));
+        // The budget is full: a write elsewhere neither evicts nor caches.
+        c.store(
+            BLOCKS,
+            REGION_BLOCKS,
+            &[(data(2, 2), Some(Seq(2)))],
+            REGION_BYTES,
+        );
+        assert!(c.get(REGION_BLOCKS, 1).is_none());
+        assert_eq!(c.get(0, 1), Some(vec![data(1, 1)]));
+        assert_eq!(c.resident_bytes(), REGION_BYTES);
+        // Nothing is cached once the timeline stopped being a head.
+        c.clear();
+        c.store(BLOCKS, 0, &[(data(3, 3), Some(Seq(3)))], 1 << 20);
+        assert!(c.get(0, 1).is_none());
+        assert_eq!(c.resident_bytes(), 0);
+        // A zero budget caches nothing.
+        let d = HeadCache::default();
+        d.store(BLOCKS, 0, &[(data(1, 1), Some(Seq(1)))], 0);
+        assert!(d.get(0, 1).is_none());
+    }
+
+    #[test]
+    fn own_versions_need_a_seq_a_commit_stored_for_every_block() {
+        let c = HeadCache::default();
+        let p = |index| PhysBlock { group: 4, index };
+        // A reader's fill knows mappings, not versions.
+        let t = c.ticket(BLOCKS, 0, 4);
+        c.fill(&t, 0, &[data(1, 1); 4], 1 << 20);
+        assert!(c.own_versions(0, 1).is_none());
+        let w = |i: u32, seq| (Mapping::Data { phys: p(i), crc: i }, Some(Seq(seq)));
+        c.store(
+            BLOCKS,
+            0,
+            &[w(0, 7), w(1, 7), (Mapping::Zero, None)],
+            1 << 20,
+        );
+        assert_eq!(
+            c.own_versions(0, 2),
+            Some(vec![(p(0), 0, Seq(7)), (p(1), 1, Seq(7))])
+        );
+        // A zeroed block, a block only a reader filled: not known.
+        assert!(c.own_versions(0, 3).is_none());
+        assert!(c.own_versions(3, 1).is_none());
+        // A later fill of the same mappings keeps the seqs; a later write replaces them.
+        let t = c.ticket(BLOCKS, 0, 2);
+        c.fill(
+            &t,
+            0,
+            &[
+                Mapping::Data { phys: p(0), crc: 0 },
+                Mapping::Data { phys: p(1), crc: 1 },
+            ],
+            1 << 20,
+        );
+        assert_eq!(c.own_versions(0, 1), Some(vec![(p(0), 0, Seq(7))]));
+        c.store(BLOCKS, 1, &[w(9, 8)], 1 << 20);
+        assert_eq!(
+            c.own_versions(0, 2),
+            Some(vec![(p(0), 0, Seq(7)), (p(9), 9, Seq(8))])
+        );
+        // Invalidation (a relocation) and clearing (a restore) forget them.
+        c.invalidate(BLOCKS, 1, 1);
+        assert!(c.own_versions(0, 2).is_none());
+        assert_eq!(c.own_versions(0, 1), Some(vec![(p(0), 0, Seq(7))]));
+        c.clear();
+        assert!(c.own_versions(0, 1).is_none());
     }
 
     #[test]

@@ -36,6 +36,17 @@ pub enum Mapping {
 }
 
 impl Found {
+    /// Timeline `t`'s own head-slot version `seq` of a block holding data at `phys`.
+    pub(crate) fn own_head(t: &TimelineState, phys: PhysBlock, crc: u32, seq: Seq) -> Found {
+        let value = MapValue::Owned { phys, crc };
+        Found {
+            value,
+            timeline: t.id,
+            seq,
+            owner: owner_of(t, &value),
+        }
+    }
+
     pub fn mapping(&self) -> Mapping {
         match self.value.data() {
             Some((phys, crc)) => Mapping::Data { phys, crc },

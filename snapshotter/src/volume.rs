@@ -457,6 +457,8 @@ impl VolumeHandle {
             let mut delta = Counters::default();
             let mut groups: HashMap<u64, i64> = HashMap::new();
             let mut commits: Vec<Commit> = Vec::with_capacity(items.len());
+            // The seq each request's data versions were written at.
+            let mut item_seqs: Vec<Seq> = Vec::with_capacity(items.len());
             // Versions written by earlier requests of this group (not in the DB yet).
             let mut overlay: HashMap<u64, Found> = HashMap::new();
             let mut seq = tm.head_seq;
@@ -467,7 +469,14 @@ impl VolumeHandle {
                 let record_overlay = item + 1 < items.len();
                 // The head's current versions: its own head slots (point lookups), else what
                 // it sees through its ancestors.
-                let mut found = inner.head_versions(&head, lba0, n)?;
+                let mut found = match head.cache.own_versions(lba0, n) {
+                    // Exact under `tm` (see `HeadCache::own_versions`).
+                    Some(own) => own
+                        .into_iter()
+                        .map(|(phys, crc, seq)| Some(Found::own_head(&head, phys, crc, seq)))
+                        .collect(),
+                    None => inner.head_versions(&head, lba0, n)?,
+                };
                 if found.iter().any(Option::is_none)
                     && !head.is_flattened()
                     && let Some((parent, branch)) = &head.parent
@@ -554,6 +563,7 @@ impl VolumeHandle {
                 if changed {
                     seq = item_seq;
                 }
+                item_seqs.push(item_seq);
                 commits.push(Commit { seq, released });
             }
             if seq == tm.head_seq {
@@ -570,8 +580,21 @@ impl VolumeHandle {
                 Error::Injected("snapshotter::commit::before_write")
             ));
             db::write(&inner.db, b, false)?;
-            for (lba0, updates) in items {
-                head.cache.invalidate(self.blocks(), *lba0, updates.len());
+            // The cache takes the new mappings and their versions (in request order: a
+            // later request of the group wins, as in the batch). Only data versions carry
+            // their seq: a zeroed block may have been left as it was.
+            let budget = inner.opts.head_cache_bytes;
+            for ((lba0, updates), item_seq) in items.iter().zip(&item_seqs) {
+                let written: Vec<(Mapping, Option<Seq>)> = updates
+                    .iter()
+                    .map(|u| match *u {
+                        BlockUpdate::Data(phys, crc) => {
+                            (Mapping::Data { phys, crc }, Some(*item_seq))
+                        }
+                        BlockUpdate::Zero => (Mapping::Zero, None),
+                    })
+                    .collect();
+                head.cache.store(self.blocks(), *lba0, &written, budget);
             }
             fail::fail_point!("snapshotter::commit::after_write");
             tm.head_seq = seq;
