@@ -20,8 +20,8 @@
 //!   fill carrying a pre-write value is refused.
 //! - **Written through.** A commit stores the mappings it wrote instead of dropping them,
 //!   with the seq of each data version, so the next commit over those blocks takes the
-//!   versions it replaces from here instead of a RocksDB scan or multi-get (that lookup
-//!   held the commit lock for ~40 % of a 1 MiB write's commit time, measured). A reader's
+//!   versions it replaces from here instead of a RocksDB scan or multi-get (4 KiB random
+//!   writes over vhost-user went from ~48K to ~68K IOPS with it, measured). A reader's
 //!   fill never knows a seq; a commit falls back to RocksDB unless every block it
 //!   replaces has one.
 //! - **Bounded.** Slots are allocated per region of [`REGION_BLOCKS`] blocks (24 bytes per
