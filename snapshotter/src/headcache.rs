@@ -139,6 +139,11 @@ impl HeadCache {
 
     /// The cached mappings of `[lba0, lba0 + n)`, if every block is cached.
     pub(crate) fn get(&self, lba0: u64, n: usize) -> Option<Vec<Mapping>> {
+        self.collect(lba0, n, Slot::mapping)
+    }
+
+    /// `f` of every slot of `[lba0, lba0 + n)`, if it answers for each.
+    fn collect<T>(&self, lba0: u64, n: usize, f: impl Fn(Slot) -> Option<T>) -> Option<Vec<T>> {
         let regions = self.regions.get()?;
         let mut out = Vec::with_capacity(n);
         let mut lba = lba0;
@@ -149,7 +154,7 @@ impl HeadCache {
             let g = regions.get(r)?.lock();
             let slots = g.slots.as_ref()?;
             for l in lba..stop {
-                out.push(slots[(l % REGION_BLOCKS) as usize].mapping()?);
+                out.push(f(slots[(l % REGION_BLOCKS) as usize])?);
             }
             lba = stop;
         }
@@ -320,29 +325,16 @@ impl HeadCache {
     /// a head's data head slots (GC and flattening never touch them), both under that
     /// lock, and both update or invalidate the cache before they release it.
     pub(crate) fn own_versions(&self, lba0: u64, n: usize) -> Option<Vec<(PhysBlock, u32, Seq)>> {
-        let regions = self.regions.get()?;
-        let mut out = Vec::with_capacity(n);
-        let mut lba = lba0;
-        let end = lba0 + n as u64;
-        while lba < end {
-            let r = (lba / REGION_BLOCKS) as usize;
-            let stop = end.min((r as u64 + 1) * REGION_BLOCKS);
-            let g = regions.get(r)?.lock();
-            let slots = g.slots.as_ref()?;
-            for l in lba..stop {
-                let s = slots[(l % REGION_BLOCKS) as usize];
-                if s.seq == NO_SEQ || s.group >= ZERO {
-                    return None;
-                }
-                let phys = PhysBlock {
-                    group: s.group,
-                    index: s.index,
-                };
-                out.push((phys, s.crc, Seq(s.seq)));
+        self.collect(lba0, n, |s| {
+            if s.seq == NO_SEQ || s.group >= ZERO {
+                return None;
             }
-            lba = stop;
-        }
-        Some(out)
+            let phys = PhysBlock {
+                group: s.group,
+                index: s.index,
+            };
+            Some((phys, s.crc, Seq(s.seq)))
+        })
     }
 
     /// Drops every cached block for good (the timeline stopped being a head): fills from
