@@ -30,6 +30,7 @@
 
 use crate::ids::{PhysBlock, Seq};
 use crate::map::Mapping;
+use crate::volume::BlockUpdate;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::OnceLock;
@@ -270,28 +271,30 @@ impl HeadCache {
         }
     }
 
-    /// Records what blocks `[lba0, lba0 + written.len())` now show, each with the seq of
-    /// the head-slot version the commit wrote for it (data blocks only; `None` for the
-    /// rest). Call after the batch is written, under the head timeline's lock (like
-    /// [`HeadCache::invalidate`], whose generation bump it shares: fills from lookups that
-    /// started before are refused). Resident regions take the new entries; a region not
-    /// resident is allocated only while the budget has room (a write never evicts what
-    /// reads warmed). Recent writes then read back without a map lookup, and the next
-    /// commit over them finds the versions it replaces here ([`HeadCache::own_versions`]).
+    /// Records what blocks `[lba0, lba0 + updates.len())` now show after a commit wrote
+    /// `updates` at `seq` (data blocks keep the seq of their version; a zeroed block may
+    /// have been left as it was, so it keeps none). Call after the batch is written, under
+    /// the head timeline's lock (like [`HeadCache::invalidate`], whose generation bump it
+    /// shares: fills from lookups that started before are refused). Resident regions take
+    /// the new entries; a region not resident is allocated only while the budget has room
+    /// (a write never evicts what reads warmed). Recent writes then read back without a
+    /// map lookup, and the next commit over them finds the versions it replaces here
+    /// ([`HeadCache::own_versions`]).
     pub(crate) fn store(
         &self,
         volume_blocks: u64,
         lba0: u64,
-        written: &[(Mapping, Option<Seq>)],
+        updates: &[BlockUpdate],
+        seq: Seq,
         budget_bytes: usize,
     ) {
-        if written.is_empty() {
+        if updates.is_empty() {
             return;
         }
         let regions = self.regions(volume_blocks);
         let max_regions = budget_bytes / REGION_BYTES;
-        let end = lba0 + written.len() as u64;
-        for r in region_span(lba0, written.len()) {
+        let end = lba0 + updates.len() as u64;
+        for r in region_span(lba0, updates.len()) {
             let Some(region) = regions.get(r) else { return };
             let lo = lba0.max(r as u64 * REGION_BLOCKS);
             let hi = end.min((r as u64 + 1) * REGION_BLOCKS);
@@ -306,13 +309,12 @@ impl HeadCache {
             }
             if let Some(slots) = g.slots.as_mut() {
                 for l in lo..hi {
-                    let (m, seq) = written[(l - lba0) as usize];
-                    let slot = Slot::of(m).map(|mut s| {
-                        if let (Mapping::Data { .. }, Some(seq)) = (m, seq) {
-                            s.seq = seq.0;
+                    let slot = match updates[(l - lba0) as usize] {
+                        BlockUpdate::Data(phys, crc) => {
+                            Slot::of(Mapping::Data { phys, crc }).map(|s| Slot { seq: seq.0, ..s })
                         }
-                        s
-                    });
+                        BlockUpdate::Zero => Slot::of(Mapping::Zero),
+                    };
                     slots[(l % REGION_BLOCKS) as usize] = slot.unwrap_or(EMPTY_SLOT);
                 }
             }
@@ -367,6 +369,11 @@ mod tests {
             phys: PhysBlock { group, index: 3 },
             crc,
         }
+    }
+
+    /// What a commit writes for a block that becomes `data(group, crc)`.
+    fn upd(group: u64, crc: u32) -> BlockUpdate {
+        BlockUpdate::Data(PhysBlock { group, index: 3 }, crc)
     }
 
     const BLOCKS: u64 = 4 * REGION_BLOCKS;
@@ -429,12 +436,7 @@ mod tests {
         c.fill(&t, 0, &[data(1, 1); 8], 1 << 20);
         let stale = c.ticket(BLOCKS, 2, 2);
         // A commit writes blocks 2 and 3 (one data, one zero) after that reader's ticket.
-        c.store(
-            BLOCKS,
-            2,
-            &[(data(7, 7), Some(Seq(5))), (Mapping::Zero, None)],
-            1 << 20,
-        );
+        c.store(BLOCKS, 2, &[upd(7, 7), BlockUpdate::Zero], Seq(5), 1 << 20);
         let mut want = vec![data(1, 1); 8];
         want[2] = data(7, 7);
         want[3] = Mapping::Zero;
@@ -447,26 +449,21 @@ mod tests {
     #[test]
     fn a_store_allocates_only_while_the_budget_has_room() {
         let c = HeadCache::default();
-        c.store(BLOCKS, 0, &[(data(1, 1), Some(Seq(1)))], REGION_BYTES);
+        c.store(BLOCKS, 0, &[upd(1, 1)], Seq(1), REGION_BYTES);
         assert_eq!(c.get(0, 1), Some(vec![data(1, 1)]));
         // The budget is full: a write elsewhere neither evicts nor caches.
-        c.store(
-            BLOCKS,
-            REGION_BLOCKS,
-            &[(data(2, 2), Some(Seq(2)))],
-            REGION_BYTES,
-        );
+        c.store(BLOCKS, REGION_BLOCKS, &[upd(2, 2)], Seq(2), REGION_BYTES);
         assert!(c.get(REGION_BLOCKS, 1).is_none());
         assert_eq!(c.get(0, 1), Some(vec![data(1, 1)]));
         assert_eq!(c.resident_bytes(), REGION_BYTES);
         // Nothing is cached once the timeline stopped being a head.
         c.clear();
-        c.store(BLOCKS, 0, &[(data(3, 3), Some(Seq(3)))], 1 << 20);
+        c.store(BLOCKS, 0, &[upd(3, 3)], Seq(3), 1 << 20);
         assert!(c.get(0, 1).is_none());
         assert_eq!(c.resident_bytes(), 0);
         // A zero budget caches nothing.
         let d = HeadCache::default();
-        d.store(BLOCKS, 0, &[(data(1, 1), Some(Seq(1)))], 0);
+        d.store(BLOCKS, 0, &[upd(1, 1)], Seq(1), 0);
         assert!(d.get(0, 1).is_none());
     }
 
@@ -478,13 +475,8 @@ mod tests {
         let t = c.ticket(BLOCKS, 0, 4);
         c.fill(&t, 0, &[data(1, 1); 4], 1 << 20);
         assert!(c.own_versions(0, 1).is_none());
-        let w = |i: u32, seq| (Mapping::Data { phys: p(i), crc: i }, Some(Seq(seq)));
-        c.store(
-            BLOCKS,
-            0,
-            &[w(0, 7), w(1, 7), (Mapping::Zero, None)],
-            1 << 20,
-        );
+        let w = |i: u32| BlockUpdate::Data(p(i), i);
+        c.store(BLOCKS, 0, &[w(0), w(1), BlockUpdate::Zero], Seq(7), 1 << 20);
         assert_eq!(
             c.own_versions(0, 2),
             Some(vec![(p(0), 0, Seq(7)), (p(1), 1, Seq(7))])
@@ -504,7 +496,7 @@ mod tests {
             1 << 20,
         );
         assert_eq!(c.own_versions(0, 1), Some(vec![(p(0), 0, Seq(7))]));
-        c.store(BLOCKS, 1, &[w(9, 8)], 1 << 20);
+        c.store(BLOCKS, 1, &[w(9)], Seq(8), 1 << 20);
         assert_eq!(
             c.own_versions(0, 2),
             Some(vec![(p(0), 0, Seq(7)), (p(9), 9, Seq(8))])

@@ -457,8 +457,6 @@ impl VolumeHandle {
             let mut delta = Counters::default();
             let mut groups: HashMap<u64, i64> = HashMap::new();
             let mut commits: Vec<Commit> = Vec::with_capacity(items.len());
-            // The seq each request's data versions were written at.
-            let mut item_seqs: Vec<Seq> = Vec::with_capacity(items.len());
             // Versions written by earlier requests of this group (not in the DB yet).
             let mut overlay: HashMap<u64, Found> = HashMap::new();
             let mut seq = tm.head_seq;
@@ -563,7 +561,6 @@ impl VolumeHandle {
                 if changed {
                     seq = item_seq;
                 }
-                item_seqs.push(item_seq);
                 commits.push(Commit { seq, released });
             }
             if seq == tm.head_seq {
@@ -581,20 +578,12 @@ impl VolumeHandle {
             ));
             db::write(&inner.db, b, false)?;
             // The cache takes the new mappings and their versions (in request order: a
-            // later request of the group wins, as in the batch). Only data versions carry
-            // their seq: a zeroed block may have been left as it was.
+            // later request of the group wins, as in the batch). A request that wrote data
+            // changed something, so its commit's seq is the one its versions carry.
             let budget = inner.opts.head_cache_bytes;
-            for ((lba0, updates), item_seq) in items.iter().zip(&item_seqs) {
-                let written: Vec<(Mapping, Option<Seq>)> = updates
-                    .iter()
-                    .map(|u| match *u {
-                        BlockUpdate::Data(phys, crc) => {
-                            (Mapping::Data { phys, crc }, Some(*item_seq))
-                        }
-                        BlockUpdate::Zero => (Mapping::Zero, None),
-                    })
-                    .collect();
-                head.cache.store(self.blocks(), *lba0, &written, budget);
+            for ((lba0, updates), c) in items.iter().zip(&commits) {
+                head.cache
+                    .store(self.blocks(), *lba0, updates, c.seq, budget);
             }
             fail::fail_point!("snapshotter::commit::after_write");
             tm.head_seq = seq;
