@@ -161,12 +161,15 @@ pub struct StorageConfig {
     /// Flatten a timeline when reads would visit more timelines than this.
     pub max_read_depth: usize,
     /// Per volume: memory for the in-memory copy of the head's block mappings that small
-    /// reads consult before RocksDB (16 bytes per 4 KiB block); 0 disables it.
+    /// reads and commits consult before RocksDB (24 bytes per 4 KiB block); 0 disables it.
     #[serde(deserialize_with = "deserialize_size")]
     pub map_cache: u64,
     /// Rewrite a range in block order when a large read finds it fragmented (scattered by
     /// random overwrites), so the next sequential read of it is one disk read.
     pub defrag_on_read: bool,
+    /// Emptied segment files kept for reuse by new segments (appends then overwrite
+    /// written blocks instead of converting freshly preallocated ones); 0 deletes them.
+    pub recycle_segments: usize,
 }
 
 impl Default for Config {
@@ -203,6 +206,7 @@ impl Default for StorageConfig {
             max_read_depth: 4,
             map_cache: 16 << 20,
             defrag_on_read: true,
+            recycle_segments: 4,
         }
     }
 }
@@ -387,6 +391,7 @@ impl Config {
         e.local.segment_bytes = self.storage.segment_size;
         e.local.direct_io = self.storage.direct_io;
         e.local.ring_entries = self.storage.ring_entries;
+        e.local.recycle_segments = self.storage.recycle_segments;
         e.meta_cache_bytes = self.storage.metadata_cache as usize;
         e.max_read_depth = self.storage.max_read_depth;
         e.head_cache_bytes = usize::try_from(self.storage.map_cache)

@@ -80,6 +80,9 @@ impl Core {
             blocks,
             empty_groups,
         } = self.reclaim.ready();
+        if let Err(e) = self.local.punch_deferred().await {
+            tracing::warn!("punching released space failed (it stays allocated): {e}");
+        }
         if !blocks.is_empty() {
             let addrs = blocks.into_iter().map(crate::volume::block_addr).collect();
             if let Err(e) = self.local.release(addrs).await {

@@ -472,6 +472,24 @@ mod state {
             )?;
             counter(
                 &mut e,
+                "chunkstore_segments_recycled",
+                "New segments that reused an emptied segment's file instead of a new file",
+                ls.segments_recycled.load(Relaxed),
+            )?;
+            gauge(
+                &mut e,
+                "chunkstore_free_segments",
+                "Emptied segment files kept for reuse (storage.recycle_segments)",
+                core.local.free_segments() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "chunkstore_deferred_punch_bytes",
+                "Released space waiting (up to 2 s) before it is punched, in case its segment empties",
+                core.local.deferred_bytes() as i64,
+            )?;
+            counter(
+                &mut e,
                 "chunkstore_checksum_failures",
                 "Blocks whose crc32c did not match on read (each is an I/O error to the client)",
                 ls.checksum_failures.load(Relaxed),
@@ -491,7 +509,7 @@ mod state {
             gauge(
                 &mut e,
                 "chunkstore_local_bytes",
-                "Bytes the segment files occupy on the local disk",
+                "Bytes the segment files and the free pool occupy on the local disk",
                 core.local.allocated_bytes() as i64,
             )?;
             gauge(

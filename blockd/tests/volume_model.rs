@@ -129,6 +129,10 @@ struct Harness {
 fn config(dir: &std::path::Path) -> EngineConfig {
     let mut c = EngineConfig::new(dir);
     c.local.segment_bytes = 256 * 1024; // small segments: rollover, sealing and removal happen
+    // Emptied segments are recycled (their files reused under new ids) and punches wait a
+    // little, so reads after reuse and crash-reopen of a recycled file are checked too.
+    c.local.recycle_segments = 2;
+    c.local.punch_delay = std::time::Duration::from_millis(1);
     c.max_read_depth = 2;
     c
 }

@@ -109,7 +109,21 @@ pub struct LocalConfig {
     pub direct_io: bool,
     /// io_uring submission queue size; also the bound on in-flight operations.
     pub ring_entries: u32,
+    /// Emptied segment files kept (as `<id>.free`) and reused for new segments instead of
+    /// deleting them and preallocating new ones: appends then overwrite written blocks,
+    /// which ext4 and xfs take without converting unwritten extents at every completion.
+    /// 0 deletes emptied segments at once.
+    pub recycle_segments: usize,
+    /// With recycling on, how long released space of live segments waits before it is
+    /// punched out: a segment whose blocks all die meanwhile (overwritten sequentially,
+    /// its volume or checkpoint deleted) goes to the free pool whole instead of as a file
+    /// full of holes. At most [`DEFER_LIMIT`] waits at a time.
+    pub punch_delay: std::time::Duration,
 }
+
+/// Released space waiting for its punch (see [`LocalConfig::punch_delay`]) is punched
+/// early beyond this.
+pub const DEFER_LIMIT: u64 = 256 << 20;
 
 impl Default for LocalConfig {
     fn default() -> Self {
@@ -117,6 +131,8 @@ impl Default for LocalConfig {
             segment_bytes: 64 << 20,
             direct_io: true,
             ring_entries: 256,
+            recycle_segments: 0,
+            punch_delay: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -129,6 +145,8 @@ pub struct LocalStats {
     pub punched_bytes: AtomicU64,
     pub segments_created: AtomicU64,
     pub segments_removed: AtomicU64,
+    /// New segments that reused an emptied segment's file.
+    pub segments_recycled: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub syncs: AtomicU64,
 }
@@ -138,14 +156,27 @@ pub struct LocalStats {
 struct StreamState {
     active: Option<Arc<Segment>>,
     next_block: u32,
-    /// The active segment is preallocated up to this block.
+    /// The active segment is preallocated up to this block (for a recycled file: its fill
+    /// record says this block).
     prealloc_block: u32,
+    /// The active segment is a recycled file.
+    recycled: bool,
+}
+
+/// Released granules waiting for their punch, oldest first.
+#[derive(Default)]
+struct Deferred {
+    runs: std::collections::VecDeque<(std::time::Instant, u64, u32, u32)>,
+    bytes: u64,
 }
 
 struct AppendState {
     streams: HashMap<u64, StreamState>,
     next_id: u64,
 }
+
+/// Name suffix of free-pool files (`<old segment id>.free`).
+const FREE_SUFFIX: &str = ".free";
 
 /// Punch granularity: 16 blocks (64 KiB).
 const GRANULE_BLOCKS: u32 = 16;
@@ -202,6 +233,9 @@ pub struct LocalStore {
     tier: std::sync::OnceLock<Arc<crate::tier::Tier>>,
     /// Bytes appended to segments not uploaded yet (meaningful with a tier).
     dirty_bytes: AtomicU64,
+    /// Emptied segment files ready for reuse.
+    pool: Mutex<Vec<PathBuf>>,
+    deferred: Mutex<Deferred>,
     pub stats: LocalStats,
 }
 
@@ -300,11 +334,22 @@ impl LocalStore {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let instance = instance_id(dir)?;
         let mut segments = HashMap::new();
+        let mut pool = Vec::new();
         let mut max_counter = 0;
         let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         for ent in rd {
             let ent = ent.map_err(|e| Error::io(dir.display().to_string(), e))?;
             let name = ent.file_name();
+            if name.to_str().is_some_and(|n| n.ends_with(FREE_SUFFIX)) {
+                let keep = pool.len() < cfg.recycle_segments
+                    && ent.metadata().is_ok_and(|m| m.len() == cfg.segment_bytes);
+                if keep {
+                    pool.push(ent.path());
+                } else if let Err(e) = std::fs::remove_file(ent.path()) {
+                    tracing::warn!(path = %ent.path().display(), "removing a free segment file: {e}");
+                }
+                continue;
+            }
             let Some((id, stream)) = name.to_str().and_then(segment::parse_file_name) else {
                 continue;
             };
@@ -333,6 +378,8 @@ impl LocalStore {
             dead: Mutex::new(HashMap::new()),
             tier: std::sync::OnceLock::new(),
             dirty_bytes: AtomicU64::new(0),
+            pool: Mutex::new(pool),
+            deferred: Mutex::new(Deferred::default()),
             stats: LocalStats::default(),
         })
     }
@@ -498,7 +545,18 @@ impl LocalStore {
     /// released.
     fn seal_locked(&self, st: &mut StreamState) {
         if let Some(seg) = st.active.take() {
-            if st.prealloc_block > st.next_block {
+            if st.recycled {
+                // The rest of the file holds an earlier segment's blocks: record the end
+                // and give the tail back.
+                if let Err(e) = seg.set_fill(st.next_block) {
+                    tracing::warn!(segment = seg.id, "recording a segment's fill: {e}");
+                }
+                let used = st.next_block as u64 * BLOCK_SIZE as u64;
+                let end = self.cfg.segment_bytes;
+                if end > used {
+                    punch_sync(&seg, used, end - used);
+                }
+            } else if st.prealloc_block > st.next_block {
                 let used = st.next_block as u64 * BLOCK_SIZE as u64;
                 let end = st.prealloc_block as u64 * BLOCK_SIZE as u64;
                 punch_sync(&seg, used, end - used);
@@ -510,6 +568,81 @@ impl LocalStore {
         }
         st.next_block = 0;
         st.prealloc_block = 0;
+        st.recycled = false;
+    }
+
+    /// A file from the free pool, renamed to segment `id`'s name and opened (`None`: the
+    /// pool is empty, or the file could not be taken: it is deleted then).
+    fn take_pooled(&self, id: u64, stream: u64) -> Option<(Segment, bool)> {
+        let from = self.pool.lock().pop()?;
+        let to = self.dir.join(segment::file_name(id, stream));
+        let r = std::fs::rename(&from, &to)
+            .map_err(|e| Error::io(from.display().to_string(), e))
+            .and_then(|()| {
+                Segment::open_recycled(to.clone(), id, stream, self.direct.load(Ordering::Relaxed))
+            });
+        match r {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("reusing a free segment file failed (deleting it): {e}");
+                let _ = std::fs::remove_file(&from);
+                let _ = std::fs::remove_file(&to);
+                None
+            }
+        }
+    }
+
+    /// Keeps an emptied, removed segment's file for reuse, if the pool has room and
+    /// nothing reads it. Returns false when the caller should delete it instead.
+    fn recycle(&self, seg: &Segment) -> bool {
+        if self.cfg.recycle_segments == 0 {
+            return false;
+        }
+        let mut pool = self.pool.lock();
+        if pool.len() >= self.cfg.recycle_segments {
+            return false;
+        }
+        // An upload pins the segment and then checks `removed` (set before this).
+        if seg.readers.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*seg.file);
+        // Fill whatever was punched, so the whole file is allocated again.
+        // SAFETY: plain syscall on a valid fd.
+        if unsafe { libc::fallocate(fd, 0, 0, self.cfg.segment_bytes as i64) } != 0 {
+            return false;
+        }
+        // No data in it from now on, whatever a crash leaves of the renames.
+        if let Err(e) = seg.set_fill(0) {
+            tracing::debug!(segment = seg.id, "no fill record (not recycling): {e}");
+            return false;
+        }
+        let to = self.dir.join(format!("{:016x}{FREE_SUFFIX}", seg.id));
+        if std::fs::rename(&seg.path, &to).is_err() {
+            return false;
+        }
+        pool.push(to);
+        true
+    }
+
+    /// Files in the free pool.
+    pub fn free_segments(&self) -> usize {
+        self.pool.lock().len()
+    }
+
+    /// Gives back the disk space kept for reuse (the free pool, released space waiting for
+    /// its punch): the disk is full.
+    fn free_reserves(&self) {
+        for p in std::mem::take(&mut *self.pool.lock()) {
+            let _ = std::fs::remove_file(p);
+        }
+        let runs = std::mem::take(&mut *self.deferred.lock()).runs;
+        let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
+        for (_, seg_id, first, n) in runs {
+            if let Some(seg) = self.segment(seg_id) {
+                punch_sync(&seg, first as u64 * g, n as u64 * g);
+            }
+        }
     }
 
     /// Seals every stream's active segment now.
@@ -546,17 +679,31 @@ impl LocalStore {
                     ));
                 }
                 *next_id += 1;
-                let (seg, direct) =
-                    Segment::create(&self.dir, id, stream, self.direct.load(Ordering::Relaxed))?;
+                let (seg, direct, recycled) = match self.take_pooled(id, stream) {
+                    Some((seg, direct)) => (seg, direct, true),
+                    None => {
+                        let (seg, direct) = Segment::create(
+                            &self.dir,
+                            id,
+                            stream,
+                            self.direct.load(Ordering::Relaxed),
+                        )?;
+                        (seg, direct, false)
+                    }
+                };
                 if !direct && self.direct.swap(false, Ordering::Relaxed) {
                     tracing::warn!(dir = %self.dir.display(), "O_DIRECT not supported here; using buffered I/O");
                 }
                 let seg = Arc::new(seg);
                 self.segments.write().insert(id, seg.clone());
                 self.stats.segments_created.fetch_add(1, Ordering::Relaxed);
+                if recycled {
+                    self.stats.segments_recycled.fetch_add(1, Ordering::Relaxed);
+                }
                 st.active = Some(seg);
                 st.next_block = 0;
                 st.prealloc_block = 0;
+                st.recycled = recycled;
             }
             let Some(seg) = st.active.clone() else {
                 return Err(Error::Invalid("no active segment".into()));
@@ -567,12 +714,22 @@ impl LocalStore {
                     .max(st.prealloc_block + PREALLOC_BLOCKS)
                     .min(seg_blocks);
                 let bs = BLOCK_SIZE as u64;
-                match seg.preallocate(st.prealloc_block as u64 * bs, to as u64 * bs) {
-                    Ok(()) => st.prealloc_block = to,
-                    // Out of space for the preallocation: the write itself may still fit
-                    // (it extends the file, or fails with ENOSPC).
-                    Err(Error::NoSpace) => {}
-                    Err(e) => return Err(e),
+                if st.recycled {
+                    // Before any block past the old record is written (and so before the
+                    // map can refer to one): recovery takes the record for the data end.
+                    seg.set_fill(to).map_err(|e| {
+                        Error::io(format!("recording the fill of {}", seg.path.display()), e)
+                    })?;
+                    st.prealloc_block = to;
+                } else {
+                    match seg.preallocate(st.prealloc_block as u64 * bs, to as u64 * bs) {
+                        Ok(()) => st.prealloc_block = to,
+                        // Out of space for the preallocation: what is kept for reuse goes,
+                        // and the write itself may still fit (it extends the file, or
+                        // fails with ENOSPC).
+                        Err(Error::NoSpace) => self.free_reserves(),
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             seg.pending.fetch_add(1, Ordering::AcqRel);
@@ -905,11 +1062,25 @@ impl LocalStore {
             ids.iter().filter_map(|id| map.get(id).cloned()).collect()
         };
         let io = self.io();
-        let futs = segs.iter().map(|s| io.sync(&s.file, true));
+        // A file whose fill record changed takes a full fsync (fdatasync may leave an
+        // extended attribute in the journal's running transaction).
+        let full: Vec<bool> = segs
+            .iter()
+            .map(|s| s.fill_dirty.swap(false, Ordering::AcqRel))
+            .collect();
+        let futs = segs
+            .iter()
+            .zip(&full)
+            .map(|(s, full)| io.sync(&s.file, !full));
         let results = futures::future::join_all(futs).await;
         for (s, r) in segs.iter().zip(results) {
             if let Err(e) = r {
                 // Keep them dirty: the next sync retries.
+                for (s, full) in segs.iter().zip(&full) {
+                    if *full {
+                        s.fill_dirty.store(true, Ordering::Release);
+                    }
+                }
                 self.dirty.lock().extend(ids.iter().copied());
                 return Err(Error::io(format!("fdatasync {}", s.path.display()), e));
             }
@@ -947,16 +1118,57 @@ impl LocalStore {
         }
         granules.sort_unstable();
         granules.dedup();
-        let mut i = 0;
-        while i < granules.len() {
-            let (seg_id, first) = granules[i];
-            let mut n = 1u32;
-            while i + (n as usize) < granules.len()
-                && granules[i + n as usize] == (seg_id, first + n)
-            {
-                n += 1;
+        let mut runs: Vec<(u64, u32, u32)> = Vec::new();
+        for (seg_id, g) in granules {
+            match runs.last_mut() {
+                Some((s, first, n)) if *s == seg_id && *first + *n == g => *n += 1,
+                _ => runs.push((seg_id, g, 1)),
             }
-            i += n as usize;
+        }
+        if self.cfg.recycle_segments > 0 && !self.cfg.punch_delay.is_zero() {
+            let now = std::time::Instant::now();
+            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
+            {
+                let mut d = self.deferred.lock();
+                for (seg_id, first, n) in runs {
+                    d.bytes += n as u64 * g;
+                    d.runs.push_back((now, seg_id, first, n));
+                }
+            }
+            return self.punch_deferred().await;
+        }
+        self.punch_runs(runs).await
+    }
+
+    /// Punches the released space that waited its [`LocalConfig::punch_delay`] (or beyond
+    /// [`DEFER_LIMIT`]); space of segments removed meanwhile needs no punch.
+    pub async fn punch_deferred(&self) -> Result<()> {
+        let due = {
+            let mut d = self.deferred.lock();
+            let now = std::time::Instant::now();
+            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
+            let mut due = Vec::new();
+            while let Some(&(t, seg_id, first, n)) = d.runs.front() {
+                if now.duration_since(t) < self.cfg.punch_delay && d.bytes <= DEFER_LIMIT {
+                    break;
+                }
+                d.runs.pop_front();
+                d.bytes -= n as u64 * g;
+                due.push((seg_id, first, n));
+            }
+            due
+        };
+        self.punch_runs(due).await
+    }
+
+    /// Bytes of released space waiting for their punch.
+    pub fn deferred_bytes(&self) -> u64 {
+        self.deferred.lock().bytes
+    }
+
+    /// Punches runs of whole granules `(segment, first granule, granules)`.
+    async fn punch_runs(&self, runs: Vec<(u64, u32, u32)>) -> Result<()> {
+        for (seg_id, first, n) in runs {
             let Some(seg) = self.segments.read().get(&seg_id).cloned() else {
                 continue; // already deleted
             };
@@ -1019,16 +1231,18 @@ impl LocalStore {
             }
         };
         if let Some(seg) = seg {
-            seg.removed.store(true, Ordering::Release);
+            seg.removed.store(true, Ordering::SeqCst);
             self.dirty.lock().remove(&id);
             self.dead.lock().remove(&id);
             if let Some(tier) = self.tier.get() {
                 tier.meta().remove_seg(id)?;
             }
-            match std::fs::remove_file(&seg.path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(seg.path.display().to_string(), e)),
+            if !self.recycle(&seg) {
+                match std::fs::remove_file(&seg.path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(seg.path.display().to_string(), e)),
+                }
             }
             self.stats.segments_removed.fetch_add(1, Ordering::Relaxed);
         }
@@ -1049,7 +1263,7 @@ impl LocalStore {
             if !s.sealed.load(Ordering::Acquire) {
                 continue;
             }
-            let end = s.data_end().div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
+            let end = s.written_end().div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
             let file_len = s.file.metadata().map(|m| m.len()).unwrap_or(0);
             if end < file_len && s.allocated_bytes() > end {
                 punch_sync(&s, end, file_len - end);
@@ -1074,10 +1288,17 @@ impl LocalStore {
         out
     }
 
-    /// Bytes the segment files occupy on disk.
+    /// Bytes the segment files and the free pool occupy on disk.
     pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
         let segs: Vec<Arc<Segment>> = self.segments.read().values().cloned().collect();
-        segs.iter().map(|s| s.allocated_bytes()).sum()
+        let pool: Vec<PathBuf> = self.pool.lock().clone();
+        let free: u64 = pool
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        segs.iter().map(|s| s.allocated_bytes()).sum::<u64>() + free
     }
 
     pub fn direct_io(&self) -> bool {
@@ -1227,11 +1448,12 @@ impl Gaps {
     }
 }
 
-/// Keeps eviction off a segment for the life of a read (see `Segment::readers`).
-struct ReadPin<'a>(&'a Segment);
+/// Keeps eviction (and recycling) off a segment for the life of a read or an upload (see
+/// `Segment::readers`).
+pub(crate) struct ReadPin<'a>(&'a Segment);
 
 impl<'a> ReadPin<'a> {
-    fn new(seg: &'a Segment) -> ReadPin<'a> {
+    pub(crate) fn new(seg: &'a Segment) -> ReadPin<'a> {
         seg.readers.fetch_add(1, Ordering::SeqCst);
         ReadPin(seg)
     }
@@ -1527,6 +1749,155 @@ mod tests {
         assert!(store.remove_segment(seg).unwrap());
         assert_eq!(store.allocated_bytes(), 0);
         assert!(!dir.path().join(segment::file_name(seg, 1)).exists());
+    }
+
+    fn recycling(segment_bytes: u64, punch_delay: std::time::Duration) -> LocalConfig {
+        LocalConfig {
+            segment_bytes,
+            recycle_segments: 2,
+            punch_delay,
+            ..Default::default()
+        }
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    /// An emptied segment's file becomes the next new segment (same inode, no new file);
+    /// its released space waits instead of being punched; after a crash, recovery takes
+    /// the fill record, not the (fully written) file, for the end of the new data.
+    #[tokio::test]
+    async fn emptied_segments_are_recycled_and_recover() {
+        let seg_blocks = 4096; // 16 MiB: larger than one fill step (PREALLOC_BLOCKS)
+        let dir = tempfile::tempdir().unwrap();
+        let (seg2, b_runs, b_crcs) = {
+            let cfg = recycling(seg_blocks as u64 * 4096, std::time::Duration::from_secs(60));
+            let store = LocalStore::open(dir.path(), cfg).unwrap();
+            let a = store
+                .append(1, Arc::new(pattern(seg_blocks, 1)))
+                .await
+                .unwrap();
+            let seg = a.runs[0].0.segment;
+            let ino = inode(&dir.path().join(segment::file_name(seg, 1)));
+            store.release(a.addrs().collect()).await.unwrap();
+            assert_eq!(store.stats.punched_bytes.load(Ordering::Relaxed), 0);
+            assert_eq!(store.deferred_bytes(), seg_blocks as u64 * 4096);
+            drop(a);
+            store.seal_active();
+            assert!(store.take_idle().contains(&seg));
+            assert!(store.remove_segment(seg).unwrap());
+            assert_eq!(store.free_segments(), 1);
+            assert!(!dir.path().join(segment::file_name(seg, 1)).exists());
+            // The kept file still occupies the disk, and the daemon's total says so.
+            assert_eq!(store.allocated_bytes(), seg_blocks as u64 * 4096);
+
+            let data = pattern(3, 7);
+            let b = store.append(2, Arc::new(pattern(3, 7))).await.unwrap();
+            let seg2 = b.runs[0].0.segment;
+            assert_ne!(seg2, seg);
+            assert_eq!(inode(&dir.path().join(segment::file_name(seg2, 2))), ino);
+            assert_eq!(store.free_segments(), 0);
+            assert_eq!(store.stats.segments_recycled.load(Ordering::Relaxed), 1);
+            let out = read_back(&store, &b).await.unwrap();
+            assert_eq!(out.as_slice(), data.as_slice());
+            // The fill record changed: this sync is a full fsync, which clears the mark.
+            let s2 = store.segment(seg2).unwrap();
+            assert!(s2.fill_dirty.load(Ordering::Acquire));
+            store.sync().await.unwrap();
+            assert!(!s2.fill_dirty.load(Ordering::Acquire));
+            // Dropped without sealing: a crash of the appending process.
+            (seg2, b.runs.clone(), b.crcs.clone())
+        };
+        let store = LocalStore::open(
+            dir.path(),
+            recycling(seg_blocks as u64 * 4096, Default::default()),
+        )
+        .unwrap();
+        let s = store.segment(seg2).unwrap();
+        assert_eq!(
+            s.used_blocks.load(Ordering::Acquire),
+            PREALLOC_BLOCKS,
+            "the fill record, not the old blocks past it"
+        );
+        store.trim_tails();
+        assert!(store.allocated_bytes() <= PREALLOC_BLOCKS as u64 * 4096);
+        let reqs = vec![ReadReq {
+            addr: b_runs[0].0,
+            blocks: 3,
+            out_block: 0,
+        }];
+        let (out, r) = store
+            .read_verified(&reqs, &b_crcs, AlignedBuf::zeroed(3 * 4096))
+            .await;
+        r.unwrap();
+        assert_eq!(out.as_slice(), pattern(3, 7).as_slice());
+    }
+
+    /// Released space is punched once it waited the delay; the pool keeps at most
+    /// `recycle_segments` files (also when reopened with a smaller setting); a partly
+    /// used recycled segment gives its tail back when sealed.
+    #[tokio::test]
+    async fn deferred_punches_and_pool_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let delay = std::time::Duration::from_millis(50);
+        let store = LocalStore::open(dir.path(), recycling(64 * 4096, delay)).unwrap();
+        let a = store.append(1, Arc::new(pattern(64, 1))).await.unwrap();
+        store.release(a.addrs().take(32).collect()).await.unwrap();
+        assert_eq!(store.stats.punched_bytes.load(Ordering::Relaxed), 0);
+        tokio::time::sleep(delay * 2).await;
+        store.punch_deferred().await.unwrap();
+        assert_eq!(store.stats.punched_bytes.load(Ordering::Relaxed), 32 * 4096);
+        assert_eq!(store.deferred_bytes(), 0);
+        drop(a);
+        // Three emptied segments: two are kept, the third is deleted.
+        for i in 0..3 {
+            store.append(1, Arc::new(pattern(64, i))).await.unwrap();
+        }
+        store.seal_active();
+        store.take_idle();
+        for s in &store.segment_ids() {
+            assert!(store.remove_segment(*s).unwrap());
+        }
+        assert_eq!(store.free_segments(), 2);
+        let free = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_str()
+                        .unwrap()
+                        .ends_with(FREE_SUFFIX)
+                })
+                .count()
+        };
+        assert_eq!(free(dir.path()), 2);
+        // A recycled segment sealed after 3 blocks punches the old blocks past them.
+        let c = store.append(1, Arc::new(pattern(3, 9))).await.unwrap();
+        let cseg = store.segment(c.runs[0].0.segment).unwrap();
+        drop(c);
+        store.seal_active();
+        assert_eq!(cseg.fill(), Some(3));
+        assert_eq!(cseg.allocated_bytes(), 3 * 4096);
+        drop(store);
+        let cfg = LocalConfig {
+            recycle_segments: 0,
+            ..recycling(64 * 4096, delay)
+        };
+        let store = LocalStore::open(dir.path(), cfg).unwrap();
+        assert_eq!(store.free_segments(), 0);
+        assert_eq!(free(dir.path()), 0);
+        assert_eq!(
+            store
+                .segment(cseg.id)
+                .unwrap()
+                .used_blocks
+                .load(Ordering::Acquire),
+            3
+        );
     }
 
     #[tokio::test]

@@ -34,7 +34,13 @@ pub struct Segment {
     /// eviction leaves the segment alone while any is in flight, or it could punch out
     /// frames such a read found resident (the read would then see zeros).
     pub readers: AtomicU32,
+    /// The fill record changed since the last sync: fdatasync does not have to persist an
+    /// extended attribute, so the next sync of this file is a full fsync.
+    pub fill_dirty: AtomicBool,
 }
+
+/// Extended attribute holding a recycled file's fill record (u32 LE, blocks).
+const FILL_XATTR: &std::ffi::CStr = c"user.sprites.fill";
 
 /// Blocks per residency frame (64 KiB), as in the chunk object format.
 pub const FRAME_BLOCKS: u32 = 16;
@@ -118,9 +124,59 @@ impl Segment {
             open(&path, false, direct).map_err(|e| Error::io(path.display().to_string(), e))?;
         let s = Segment::new(id, stream, path, file);
         s.sealed.store(true, Ordering::Release);
-        let used = s.data_end().div_ceil(crate::crc::BLOCK_SIZE as u64) as u32;
+        let used = s.written_end().div_ceil(crate::crc::BLOCK_SIZE as u64) as u32;
         s.used_blocks.store(used, Ordering::Release);
         Ok(s)
+    }
+
+    /// Opens a recycled file (already renamed to this segment's name) for appends: every
+    /// block of it is written, so its extents need no conversion when appends overwrite
+    /// them. Its fill record (0 when it entered the free pool) bounds what recovery
+    /// takes for data.
+    pub fn open_recycled(
+        path: PathBuf,
+        id: u64,
+        stream: u64,
+        direct: bool,
+    ) -> Result<(Segment, bool)> {
+        let (file, direct) =
+            open(&path, false, direct).map_err(|e| Error::io(path.display().to_string(), e))?;
+        Ok((Segment::new(id, stream, path, file), direct))
+    }
+
+    /// Records durably (with the file's next sync; at once against a process crash)
+    /// that no block at or past `blocks` holds data of this segment. Recycled files are
+    /// written end to end with an earlier segment's blocks, so their holes no longer tell
+    /// where the data ends; this record does.
+    pub fn set_fill(&self, blocks: u32) -> std::io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.file);
+        let v = blocks.to_le_bytes();
+        // SAFETY: plain syscall on a valid fd; name and value outlive the call.
+        let r = unsafe { libc::fsetxattr(fd, FILL_XATTR.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.fill_dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The fill record, if the file has one (only recycled files do).
+    pub fn fill(&self) -> Option<u32> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.file);
+        let mut v = [0u8; 4];
+        // SAFETY: plain syscall on a valid fd; the buffer is 4 bytes as passed.
+        let r = unsafe { libc::fgetxattr(fd, FILL_XATTR.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        (r == 4).then(|| u32::from_le_bytes(v))
+    }
+
+    /// Where the segment's data ends: the end of its last data region, clipped at the
+    /// fill record when there is one.
+    pub fn written_end(&self) -> u64 {
+        let end = self.data_end();
+        match self.fill() {
+            Some(f) => end.min(f as u64 * crate::crc::BLOCK_SIZE as u64),
+            None => end,
+        }
     }
 
     fn new(id: u64, stream: u64, path: PathBuf, file: File) -> Segment {
@@ -136,6 +192,7 @@ impl Segment {
             resident: parking_lot::Mutex::new(None),
             last_access: std::sync::atomic::AtomicU64::new(0),
             readers: AtomicU32::new(0),
+            fill_dirty: AtomicBool::new(false),
         }
     }
 

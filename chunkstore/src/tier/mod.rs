@@ -313,6 +313,12 @@ impl Tier {
         seg: &Arc<Segment>,
         live: &(dyn Fn(ChunkId) -> bool + Sync),
     ) -> Result<()> {
+        // Pinned, the file cannot be recycled under the upload; one removed before the pin
+        // needs no upload.
+        let _pin = crate::local::ReadPin::new(seg);
+        if seg.removed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let used = seg.used_blocks.load(Ordering::Acquire);
         let nchunks = used.div_ceil(CHUNK_BLOCKS);
         let mut recorded: Vec<(u64, ChunkLayout)> = Vec::new();
