@@ -206,7 +206,7 @@ impl Default for StorageConfig {
             max_read_depth: 4,
             map_cache: 16 << 20,
             defrag_on_read: true,
-            recycle_segments: 4,
+            recycle_segments: 0,
         }
     }
 }

@@ -1161,6 +1161,22 @@ impl LocalStore {
         self.punch_runs(due).await
     }
 
+    /// Drops a removed segment's waiting punches, so that they stop counting against
+    /// [`DEFER_LIMIT`] (they would only be skipped later).
+    fn forget_deferred(&self, id: u64) {
+        let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
+        let mut d = self.deferred.lock();
+        let mut freed = 0;
+        d.runs.retain(|&(_, seg_id, _, n)| {
+            let keep = seg_id != id;
+            if !keep {
+                freed += n as u64 * g;
+            }
+            keep
+        });
+        d.bytes -= freed;
+    }
+
     /// Bytes of released space waiting for their punch.
     pub fn deferred_bytes(&self) -> u64 {
         self.deferred.lock().bytes
@@ -1234,6 +1250,7 @@ impl LocalStore {
             seg.removed.store(true, Ordering::SeqCst);
             self.dirty.lock().remove(&id);
             self.dead.lock().remove(&id);
+            self.forget_deferred(id);
             if let Some(tier) = self.tier.get() {
                 tier.meta().remove_seg(id)?;
             }
@@ -1789,6 +1806,11 @@ mod tests {
             assert!(store.take_idle().contains(&seg));
             assert!(store.remove_segment(seg).unwrap());
             assert_eq!(store.free_segments(), 1);
+            assert_eq!(
+                store.deferred_bytes(),
+                0,
+                "a removed segment's punches are dropped"
+            );
             assert!(!dir.path().join(segment::file_name(seg, 1)).exists());
             // The kept file still occupies the disk, and the daemon's total says so.
             assert_eq!(store.allocated_bytes(), seg_blocks as u64 * 4096);
