@@ -163,11 +163,63 @@ struct StreamState {
     recycled: bool,
 }
 
-/// Released granules waiting for their punch, oldest first.
+/// Consecutive whole granules of one segment, to punch.
+#[derive(Clone, Copy)]
+struct GranuleRun {
+    segment: u64,
+    first: u32,
+    count: u32,
+}
+
+impl GranuleRun {
+    fn offset(&self) -> u64 {
+        self.first as u64 * GRANULE_BYTES
+    }
+
+    fn len(&self) -> u64 {
+        self.count as u64 * GRANULE_BYTES
+    }
+}
+
+/// Released granules waiting for their punch, oldest first, and their total size.
 #[derive(Default)]
 struct Deferred {
-    runs: std::collections::VecDeque<(std::time::Instant, u64, u32, u32)>,
+    runs: std::collections::VecDeque<(std::time::Instant, GranuleRun)>,
     bytes: u64,
+}
+
+impl Deferred {
+    fn push(&mut self, at: std::time::Instant, run: GranuleRun) {
+        self.bytes += run.len();
+        self.runs.push_back((at, run));
+    }
+
+    /// Takes the runs that waited `delay`, and the oldest beyond [`DEFER_LIMIT`].
+    fn take_due(&mut self, now: std::time::Instant, delay: std::time::Duration) -> Vec<GranuleRun> {
+        let mut due = Vec::new();
+        while let Some(&(t, run)) = self.runs.front() {
+            if now.duration_since(t) < delay && self.bytes <= DEFER_LIMIT {
+                break;
+            }
+            self.runs.pop_front();
+            self.bytes -= run.len();
+            due.push(run);
+        }
+        due
+    }
+
+    /// Drops a segment's runs.
+    fn forget(&mut self, segment: u64) {
+        let mut freed = 0;
+        self.runs.retain(|(_, run)| {
+            let keep = run.segment != segment;
+            if !keep {
+                freed += run.len();
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
 }
 
 struct AppendState {
@@ -180,6 +232,7 @@ const FREE_SUFFIX: &str = ".free";
 
 /// Punch granularity: 16 blocks (64 KiB).
 const GRANULE_BLOCKS: u32 = 16;
+const GRANULE_BYTES: u64 = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
 
 /// Released blocks of one segment (a bitmap).
 struct DeadMap {
@@ -545,20 +598,18 @@ impl LocalStore {
     /// released.
     fn seal_locked(&self, st: &mut StreamState) {
         if let Some(seg) = st.active.take() {
-            if st.recycled {
+            let used = st.next_block as u64 * BLOCK_SIZE as u64;
+            let end = if st.recycled {
                 // The rest of the file holds an earlier segment's blocks: record the end
-                // and give the tail back.
+                // and give the whole tail back.
                 if let Err(e) = seg.set_fill(st.next_block) {
                     tracing::warn!(segment = seg.id, "recording a segment's fill: {e}");
                 }
-                let used = st.next_block as u64 * BLOCK_SIZE as u64;
-                let end = self.cfg.segment_bytes;
-                if end > used {
-                    punch_sync(&seg, used, end - used);
-                }
-            } else if st.prealloc_block > st.next_block {
-                let used = st.next_block as u64 * BLOCK_SIZE as u64;
-                let end = st.prealloc_block as u64 * BLOCK_SIZE as u64;
+                self.cfg.segment_bytes
+            } else {
+                st.prealloc_block as u64 * BLOCK_SIZE as u64
+            };
+            if end > used {
                 punch_sync(&seg, used, end - used);
             }
             seg.sealed.store(true, Ordering::Release);
@@ -637,10 +688,9 @@ impl LocalStore {
             let _ = std::fs::remove_file(p);
         }
         let runs = std::mem::take(&mut *self.deferred.lock()).runs;
-        let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
-        for (_, seg_id, first, n) in runs {
-            if let Some(seg) = self.segment(seg_id) {
-                punch_sync(&seg, first as u64 * g, n as u64 * g);
+        for (_, run) in runs {
+            if let Some(seg) = self.segment(run.segment) {
+                punch_sync(&seg, run.offset(), run.len());
             }
         }
     }
@@ -1118,21 +1168,23 @@ impl LocalStore {
         }
         granules.sort_unstable();
         granules.dedup();
-        let mut runs: Vec<(u64, u32, u32)> = Vec::new();
-        for (seg_id, g) in granules {
+        let mut runs: Vec<GranuleRun> = Vec::new();
+        for (segment, g) in granules {
             match runs.last_mut() {
-                Some((s, first, n)) if *s == seg_id && *first + *n == g => *n += 1,
-                _ => runs.push((seg_id, g, 1)),
+                Some(r) if r.segment == segment && r.first + r.count == g => r.count += 1,
+                _ => runs.push(GranuleRun {
+                    segment,
+                    first: g,
+                    count: 1,
+                }),
             }
         }
         if self.cfg.recycle_segments > 0 && !self.cfg.punch_delay.is_zero() {
             let now = std::time::Instant::now();
-            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
             {
                 let mut d = self.deferred.lock();
-                for (seg_id, first, n) in runs {
-                    d.bytes += n as u64 * g;
-                    d.runs.push_back((now, seg_id, first, n));
+                for run in runs {
+                    d.push(now, run);
                 }
             }
             return self.punch_deferred().await;
@@ -1143,38 +1195,11 @@ impl LocalStore {
     /// Punches the released space that waited its [`LocalConfig::punch_delay`] (or beyond
     /// [`DEFER_LIMIT`]); space of segments removed meanwhile needs no punch.
     pub async fn punch_deferred(&self) -> Result<()> {
-        let due = {
-            let mut d = self.deferred.lock();
-            let now = std::time::Instant::now();
-            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
-            let mut due = Vec::new();
-            while let Some(&(t, seg_id, first, n)) = d.runs.front() {
-                if now.duration_since(t) < self.cfg.punch_delay && d.bytes <= DEFER_LIMIT {
-                    break;
-                }
-                d.runs.pop_front();
-                d.bytes -= n as u64 * g;
-                due.push((seg_id, first, n));
-            }
-            due
-        };
+        let due = self
+            .deferred
+            .lock()
+            .take_due(std::time::Instant::now(), self.cfg.punch_delay);
         self.punch_runs(due).await
-    }
-
-    /// Drops a removed segment's waiting punches, so that they stop counting against
-    /// [`DEFER_LIMIT`] (they would only be skipped later).
-    fn forget_deferred(&self, id: u64) {
-        let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
-        let mut d = self.deferred.lock();
-        let mut freed = 0;
-        d.runs.retain(|&(_, seg_id, _, n)| {
-            let keep = seg_id != id;
-            if !keep {
-                freed += n as u64 * g;
-            }
-            keep
-        });
-        d.bytes -= freed;
     }
 
     /// Bytes of released space waiting for their punch.
@@ -1182,28 +1207,27 @@ impl LocalStore {
         self.deferred.lock().bytes
     }
 
-    /// Punches runs of whole granules `(segment, first granule, granules)`.
-    async fn punch_runs(&self, runs: Vec<(u64, u32, u32)>) -> Result<()> {
-        for (seg_id, first, n) in runs {
-            let Some(seg) = self.segments.read().get(&seg_id).cloned() else {
+    /// Punches runs of whole granules.
+    async fn punch_runs(&self, runs: Vec<GranuleRun>) -> Result<()> {
+        for run in runs {
+            let Some(seg) = self.segments.read().get(&run.segment).cloned() else {
                 continue; // already deleted
             };
             fail::fail_point!("chunkstore::punch", |_| Err(Error::Injected(
                 "chunkstore::punch"
             )));
-            let g = GRANULE_BLOCKS as u64 * BLOCK_SIZE as u64;
             self.io()
                 .fallocate(
                     &seg.file,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    first as u64 * g,
-                    n as u64 * g,
+                    run.offset(),
+                    run.len(),
                 )
                 .await
                 .map_err(|e| Error::io(format!("punch {}", seg.path.display()), e))?;
             self.stats
                 .punched_bytes
-                .fetch_add(n as u64 * g, Ordering::Relaxed);
+                .fetch_add(run.len(), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1250,7 +1274,9 @@ impl LocalStore {
             seg.removed.store(true, Ordering::SeqCst);
             self.dirty.lock().remove(&id);
             self.dead.lock().remove(&id);
-            self.forget_deferred(id);
+            // Its waiting punches would only be skipped: they stop counting against the
+            // limit now.
+            self.deferred.lock().forget(id);
             if let Some(tier) = self.tier.get() {
                 tier.meta().remove_seg(id)?;
             }
@@ -1683,9 +1709,18 @@ mod tests {
     }
 
     async fn read_back(store: &LocalStore, a: &Appended) -> Result<AlignedBuf> {
+        read_runs(store, &a.runs, &a.crcs).await
+    }
+
+    /// Reads runs `(address, blocks)` back in order, verified against `crcs`.
+    async fn read_runs(
+        store: &LocalStore,
+        runs: &[(BlockAddr, u32)],
+        crcs: &[u32],
+    ) -> Result<AlignedBuf> {
         let mut reqs = Vec::new();
         let mut out_block = 0;
-        for (addr, n) in &a.runs {
+        for (addr, n) in runs {
             reqs.push(ReadReq {
                 addr: *addr,
                 blocks: *n,
@@ -1694,7 +1729,7 @@ mod tests {
             out_block += *n as usize;
         }
         let out = AlignedBuf::zeroed(out_block * BLOCK_SIZE);
-        let (out, r) = store.read_verified(&reqs, &a.crcs, out).await;
+        let (out, r) = store.read_verified(&reqs, crcs, out).await;
         r.map(|_| out)
     }
 
@@ -1845,15 +1880,7 @@ mod tests {
         );
         store.trim_tails();
         assert!(store.allocated_bytes() <= PREALLOC_BLOCKS as u64 * 4096);
-        let reqs = vec![ReadReq {
-            addr: b_runs[0].0,
-            blocks: 3,
-            out_block: 0,
-        }];
-        let (out, r) = store
-            .read_verified(&reqs, &b_crcs, AlignedBuf::zeroed(3 * 4096))
-            .await;
-        r.unwrap();
+        let out = read_runs(&store, &b_runs, &b_crcs).await.unwrap();
         assert_eq!(out.as_slice(), pattern(3, 7).as_slice());
     }
 
