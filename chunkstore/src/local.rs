@@ -689,8 +689,12 @@ impl LocalStore {
         }
         let runs = std::mem::take(&mut *self.deferred.lock()).runs;
         for (_, run) in runs {
-            if let Some(seg) = self.segment(run.segment) {
-                punch_sync(&seg, run.offset(), run.len());
+            if let Some(seg) = self.segment(run.segment)
+                && punch_sync(&seg, run.offset(), run.len())
+            {
+                self.stats
+                    .punched_bytes
+                    .fetch_add(run.len(), Ordering::Relaxed);
             }
         }
     }
@@ -1520,7 +1524,8 @@ impl AlignedView<'_> {
     }
 }
 
-fn punch_sync(seg: &Segment, offset: u64, len: u64) {
+/// Punches a range now; false (logged) when the filesystem refused.
+fn punch_sync(seg: &Segment, offset: u64, len: u64) -> bool {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&*seg.file);
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe {
@@ -1538,6 +1543,7 @@ fn punch_sync(seg: &Segment, offset: u64, len: u64) {
             std::io::Error::last_os_error()
         );
     }
+    r == 0
 }
 
 #[cfg(test)]
@@ -1882,6 +1888,35 @@ mod tests {
         assert!(store.allocated_bytes() <= PREALLOC_BLOCKS as u64 * 4096);
         let out = read_runs(&store, &b_runs, &b_crcs).await.unwrap();
         assert_eq!(out.as_slice(), pattern(3, 7).as_slice());
+    }
+
+    /// A full disk gives back what waits: the pool's files go and waiting punches run
+    /// (and count as punched).
+    #[tokio::test]
+    async fn full_disk_frees_the_reserves() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = recycling(64 * 4096, std::time::Duration::from_secs(60));
+        let store = LocalStore::open(dir.path(), cfg).unwrap();
+        let a = store.append(1, Arc::new(pattern(64, 1))).await.unwrap();
+        store.seal_active();
+        store.take_idle();
+        drop(a);
+        assert!(store.remove_segment(store.segment_ids()[0]).unwrap());
+        let b = store.append(1, Arc::new(pattern(64, 2))).await.unwrap();
+        let c = store.append(2, Arc::new(pattern(64, 3))).await.unwrap();
+        store.seal_active();
+        store.take_idle();
+        drop(c);
+        let cseg = store.segment_ids().into_iter().max().unwrap();
+        assert!(store.remove_segment(cseg).unwrap());
+        assert_eq!(store.free_segments(), 1);
+        store.release(b.addrs().take(32).collect()).await.unwrap();
+        assert_eq!(store.deferred_bytes(), 32 * 4096);
+        store.free_reserves();
+        assert_eq!(store.free_segments(), 0);
+        assert_eq!(store.deferred_bytes(), 0);
+        assert_eq!(store.stats.punched_bytes.load(Ordering::Relaxed), 32 * 4096);
+        assert_eq!(store.allocated_bytes(), 32 * 4096);
     }
 
     /// Released space is punched once it waited the delay; the pool keeps at most
