@@ -75,36 +75,20 @@ impl Core {
 
     /// Punches released blocks and chunks, and deletes segments none of whose chunks is
     /// referenced, once their release is durable and no longer read.
+    ///
+    /// Emptied segments go first: a segment removed whole needs no punch of the blocks the
+    /// same batch released in it, and with recycling on its file goes to the free pool with
+    /// its blocks still written (punched space would be unwritten again after the refill).
     pub async fn reclaim_ready(&self) {
         let Released {
             blocks,
             empty_groups,
         } = self.reclaim.ready();
-        if let Err(e) = self.local.punch_deferred().await {
-            tracing::warn!("punching released space failed (it stays allocated): {e}");
-        }
-        if !blocks.is_empty() {
-            let addrs = blocks.into_iter().map(crate::volume::block_addr).collect();
-            if let Err(e) = self.local.release(addrs).await {
-                tracing::warn!("releasing blocks failed (their space stays allocated): {e}");
-            }
-        }
-        let mut segments: Vec<u64> = Vec::new();
-        for g in empty_groups {
-            let chunk = ChunkId(g);
-            if self.snap.group_ref(g) != 0 {
-                continue; // referenced again (the chunk was still being written)
-            }
-            if let Err(e) = self.local.release_chunk(chunk).await {
-                tracing::warn!(chunk = g, "releasing a chunk failed: {e}");
-            }
-            if let Some(tier) = self.local.tier()
-                && let Err(e) = tier.release_chunk(chunk)
-            {
-                tracing::warn!(chunk = g, "releasing a chunk's object failed: {e}");
-            }
-            segments.push(chunk.segment());
-        }
+        let empty: Vec<u64> = empty_groups
+            .into_iter()
+            .filter(|g| self.snap.group_ref(*g) == 0) // else referenced again
+            .collect();
+        let mut segments: Vec<u64> = empty.iter().map(|g| ChunkId(*g).segment()).collect();
         segments.sort_unstable();
         segments.dedup();
         for seg in segments {
@@ -113,6 +97,27 @@ impl Core {
                     Ok(_) => tracing::debug!(segment = seg, "removed empty segment"),
                     Err(e) => tracing::warn!(segment = seg, "removing empty segment failed: {e}"),
                 }
+            }
+        }
+        if let Err(e) = self.local.punch_deferred().await {
+            tracing::warn!("punching released space failed (it stays allocated): {e}");
+        }
+        // Blocks and chunks of the segments just removed are skipped by the store.
+        if !blocks.is_empty() {
+            let addrs = blocks.into_iter().map(crate::volume::block_addr).collect();
+            if let Err(e) = self.local.release(addrs).await {
+                tracing::warn!("releasing blocks failed (their space stays allocated): {e}");
+            }
+        }
+        for g in empty {
+            let chunk = ChunkId(g);
+            if let Err(e) = self.local.release_chunk(chunk).await {
+                tracing::warn!(chunk = g, "releasing a chunk failed: {e}");
+            }
+            if let Some(tier) = self.local.tier()
+                && let Err(e) = tier.release_chunk(chunk)
+            {
+                tracing::warn!(chunk = g, "releasing a chunk's object failed: {e}");
             }
         }
     }

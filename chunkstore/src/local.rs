@@ -1154,10 +1154,11 @@ impl LocalStore {
         let seg_blocks = self.segment_blocks();
         let mut granules: Vec<(u64, u32)> = Vec::new();
         {
+            let live = self.segments.read();
             let mut dead = self.dead.lock();
             for a in addrs {
-                if a.block >= seg_blocks {
-                    continue;
+                if a.block >= seg_blocks || !live.contains_key(&a.segment) {
+                    continue; // past the end, or its segment is gone already
                 }
                 let m = dead
                     .entry(a.segment)
